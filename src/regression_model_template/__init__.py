@@ -1,0 +1,1 @@
+"""Logger, alerts and MLflow tracking for ML jobs, composed by a dependency-injector container."""

@@ -1,0 +1,1 @@
+"""pytest plugin: fixtures for testing jobs with the container (filled in by the container work)."""
