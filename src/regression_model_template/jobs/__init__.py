@@ -1,0 +1,1 @@
+"""Jobs: ``@inject`` functions that receive the services from the container."""
