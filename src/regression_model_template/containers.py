@@ -358,7 +358,10 @@ def _mask(path: str, value: T.Any) -> T.Any:
 # %% CONTAINER
 
 
-def _build(model: type[Service], section: str, values: Tree | None) -> Service:
+S = T.TypeVar("S", bound=Service)
+
+
+def _build(model: type[S], section: str, values: Tree | None) -> S:
     """Build one service from its configuration section, as a ConfigError when invalid."""
     try:
         return model.model_validate(values or {})
@@ -488,7 +491,7 @@ def _started(services: T.Sequence[Service]) -> T.Iterator[list[Service]]:
         for service in services:
             service.start()
             started.append(service)
-            logger.info("Started {}", service)
+            logger.info("Started {!r}", service)
     except BaseException as error:
         logger.error("Could not start {}: {}", services[len(started)], error)
         for failure in _stop_all(started):
