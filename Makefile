@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)  ## create .venv with the pinned dependencies
 
 run: $(STAMP)  ## run the main job on the embedded default (SQLite store under mlruns/)
-	$(BIN)/python -m regression_model_template
+	$(BIN)/regression-model-template run training
 
 lint: $(STAMP)  ## ruff and mypy --strict
 	$(BIN)/ruff check .

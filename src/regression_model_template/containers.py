@@ -55,9 +55,11 @@ from regression_model_template.io.services import (
     ServiceError,
     mask_uri,
 )
+from regression_model_template.jobs import JobsConfig
 
 __all__ = [
     "SECTIONS",
+    "SERVICES",
     "ConfigError",
     "ConfigValue",
     "Container",
@@ -70,12 +72,14 @@ __all__ = [
 
 # %% CONFIGURATION
 
-#: The configuration sections and the service model that validates each.
-SECTIONS: dict[str, type[Service]] = {
+#: The configuration sections of the services, and the model that validates each.
+SERVICES: dict[str, type[Service]] = {
     "logger": LoggerService,
     "alerts": AlertsService,
     "mlflow": MlflowService,
 }
+#: Every configuration section: the services' and the bundled jobs' settings.
+SECTIONS: dict[str, type[pydantic.BaseModel]] = {**SERVICES, "jobs": JobsConfig}
 
 #: MLflow's own environment variables, honoured like ``RMT_MLFLOW__<FIELD>``.
 MLFLOW_VARIABLES = {
@@ -210,7 +214,7 @@ def _expand(
 
     expanded = _ENV_REFERENCE.sub(substitute, value)
     if _ENV_REFERENCE.fullmatch(value):
-        return _parse_env_value(section, field, expanded)
+        return parse_value(section, field, expanded)
     return expanded
 
 
@@ -231,13 +235,18 @@ def _env_layer(environ: T.Mapping[str, str]) -> _Layer:
             continue  # not ours: RMT_SOMETHING without a section__field shape
         found.append((section, field, name, raw))
     for section, field, name, raw in found:
-        values.setdefault(section, {})[field] = _parse_env_value(section, field, raw)
+        values.setdefault(section, {})[field] = parse_value(section, field, raw)
         sources[f"{section}.{field}"] = f"environment {name}"
     return _Layer(values, sources)
 
 
-def _parse_env_value(section: str, field: str, raw: str) -> T.Any:
-    """Keep text for text settings; read others as YAML scalars ("5" -> 5, "true" -> True)."""
+def parse_value(section: str, field: str, raw: str) -> T.Any:
+    """Read a value given as text (environment, --set): text for text settings, else YAML.
+
+    Example:
+        >>> parse_value("alerts", "max_wait", "5"), parse_value("alerts", "app_name", "5")
+        (5, '5')
+    """
     model = SECTIONS.get(section)
     info = model.model_fields.get(field) if model else None
     if info is not None and info.annotation in (str, str | None):
@@ -291,7 +300,7 @@ def _layers(
     return layers
 
 
-def validate_config(data: T.Mapping[str, T.Any] | None) -> dict[str, Service]:
+def validate_config(data: T.Mapping[str, T.Any] | None) -> dict[str, pydantic.BaseModel]:
     """Validate a whole configuration tree and return the services it describes.
 
     Raises:
@@ -308,7 +317,7 @@ def validate_config(data: T.Mapping[str, T.Any] | None) -> dict[str, Service]:
     """
     data = data or {}
     problems: list[str] = []
-    services: dict[str, Service] = {}
+    services: dict[str, pydantic.BaseModel] = {}
     for section in data:
         if section not in SECTIONS:
             problems.append(f"{section}: unknown section{_suggest(section, list(SECTIONS))}")
@@ -326,7 +335,9 @@ def validate_config(data: T.Mapping[str, T.Any] | None) -> dict[str, Service]:
     return services
 
 
-def _describe(section: str, model: type[Service], error: pydantic.ValidationError) -> list[str]:
+def _describe(
+    section: str, model: type[pydantic.BaseModel], error: pydantic.ValidationError
+) -> list[str]:
     """One line per pydantic error, without echoing input values (they may be secrets)."""
     lines = []
     for item in error.errors():
@@ -358,7 +369,7 @@ def _mask(path: str, value: T.Any) -> T.Any:
 # %% CONTAINER
 
 
-S = T.TypeVar("S", bound=Service)
+S = T.TypeVar("S", bound=pydantic.BaseModel)
 
 
 def _build(model: type[S], section: str, values: Tree | None) -> S:
@@ -417,13 +428,16 @@ class Container(containers.DeclarativeContainer):
     # Wire the bundled jobs. Wire your own package with `container.wire(packages=["my_jobs"])`.
     wiring_config = containers.WiringConfiguration(packages=["regression_model_template.jobs"])
 
-    # -- configuration: sections `logger`, `alerts`, `mlflow` (see SECTIONS)
+    # -- configuration: sections `logger`, `alerts`, `mlflow`, `jobs` (see SECTIONS)
     config = providers.Configuration(strict=False)
 
     # -- services: one instance each, validated by their pydantic models
     logger_service = providers.ThreadSafeSingleton(_build, LoggerService, "logger", config.logger)
     alerts_service = providers.ThreadSafeSingleton(_build, AlertsService, "alerts", config.alerts)
     mlflow_service = providers.ThreadSafeSingleton(_build, MlflowService, "mlflow", config.mlflow)
+
+    # -- settings of the bundled jobs
+    jobs_config = providers.ThreadSafeSingleton(_build, JobsConfig, "jobs", config.jobs)
 
     # -- lifecycle: init_resources() starts logger -> alerts -> mlflow; shutdown stops them
     services = providers.Resource(
@@ -491,7 +505,8 @@ def _started(services: T.Sequence[Service]) -> T.Iterator[list[Service]]:
         for service in services:
             service.start()
             started.append(service)
-            logger.info("Started {!r}", service)
+            logger.info("Started {}", type(service).__name__)
+            logger.debug("{!r}", service)  # settings, secrets masked
     except BaseException as error:
         logger.error("Could not start {}: {}", services[len(started)], error)
         for failure in _stop_all(started):

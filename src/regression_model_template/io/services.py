@@ -212,7 +212,8 @@ class LoggerService(Service):
             WARNING, ERROR, CRITICAL).
         format: loguru format; the default shows timestamp, level, source
             (``name:function:line``) and the message.
-        colorize: colour the output (ignored by loguru for files unless forced).
+        colorize: colour the output of the ``stderr``/``stdout`` streams (never applied to a
+            log file: escape codes would end up in it).
         serialize: write each record as one JSON line.
         backtrace: extend exception tracebacks beyond the catching frame.
         diagnose: show variable values in tracebacks. Off by default: values can be secrets.
@@ -279,8 +280,6 @@ class LoggerService(Service):
             >>> service.stop()
         """
         with self._lock:
-            if self._handler_id is not None:
-                return
             stream = _stream(self.sink)
             sink: T.TextIO | str = stream if stream is not None else self.sink
             if stream is None:
@@ -295,7 +294,7 @@ class LoggerService(Service):
                     sink,
                     level=self.level,
                     format=self.format,
-                    colorize=self.colorize,
+                    colorize=self.colorize and stream is not None,
                     serialize=self.serialize,
                     backtrace=self.backtrace,
                     diagnose=self.diagnose,
@@ -736,7 +735,8 @@ class MlflowService(Service):
             status = "FAILED"
             raise
         finally:
-            self._runs.remove(run_id)
+            if run_id in self._runs:  # stop() inside the block already ended it
+                self._runs.remove(run_id)
             self._end_run(run_id, status)
 
     def client(self) -> MlflowClient:
@@ -754,6 +754,46 @@ class MlflowService(Service):
 
         self._ensure_local_store()
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry)
+
+    def log_params(self, params: T.Mapping[str, T.Any]) -> None:
+        """Log parameters to the active run.
+
+        Example:
+            >>> import tempfile
+            >>> service = MlflowService(tracking_uri=f"sqlite:///{tempfile.mkdtemp()}/m.db")
+            >>> with service, service.run_context(MlflowService.RunConfig(name="p")) as run:
+            ...     service.log_params({"alpha": 0.5})
+            >>> service.client().get_run(run.info.run_id).data.params
+            {'alpha': '0.5'}
+        """
+        import mlflow
+
+        mlflow.log_params(dict(params))
+
+    def log_metrics(self, metrics: T.Mapping[str, float], step: int | None = None) -> None:
+        """Log metrics to the active run, at ``step`` when given.
+
+        Example:
+            >>> import tempfile
+            >>> service = MlflowService(tracking_uri=f"sqlite:///{tempfile.mkdtemp()}/m.db")
+            >>> with service, service.run_context(MlflowService.RunConfig(name="m")) as run:
+            ...     service.log_metrics({"rmse": 53.0}, step=1)
+            >>> service.client().get_run(run.info.run_id).data.metrics
+            {'rmse': 53.0}
+        """
+        import mlflow
+
+        mlflow.log_metrics(dict(metrics), step=step)
+
+    def redact(self, text: str) -> str:
+        """Return ``text`` with the credentials of this service's URIs replaced by ``***``.
+
+        Example:
+            >>> service = MlflowService(tracking_uri="https://bob:pa55@mlflow.example.com")
+            >>> service.redact("cannot reach https://bob:pa55@mlflow.example.com")
+            'cannot reach https://bob:***@mlflow.example.com'
+        """
+        return _redact(text, self._secrets())
 
     # -- helpers
 

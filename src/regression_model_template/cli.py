@@ -1,0 +1,214 @@
+"""The command line: ``regression-model-template`` (or ``python -m regression_model_template``).
+
+Commands:
+    run JOB      run a job (training, evaluation) with the services started around it
+    config show  the effective configuration, each value with its source, secrets masked
+    config schema  the JSON schema of the configuration
+    check        start each service and report what works
+
+Exit codes: 0 success, 1 a job or a check failed, 2 bad command-line input or configuration.
+
+Only the standard library is imported here at start-up: ``--help`` stays fast, and mlflow or
+scikit-learn are imported when a job runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing as T
+
+if T.TYPE_CHECKING:
+    from regression_model_template.containers import Container
+
+PROG = "regression-model-template"
+JOB_NAMES = ("training", "evaluation")  # checked against jobs.JOBS by the tests
+
+
+class UsageError(Exception):
+    """Bad command-line input or configuration: exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run ML jobs with a logger, alerts and MLflow tracking.",
+        epilog="Exit codes: 0 success, 1 a job or check failed, 2 bad input or configuration.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    settings = argparse.ArgumentParser(add_help=False)
+    settings.add_argument(
+        "--profile",
+        help="profile name in containers/ (local, server) or a YAML path; default: $RMT_PROFILE "
+        "or local",
+    )
+    settings.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="set one value, above every other layer (repeatable), e.g. --set logger.level=INFO",
+    )
+
+    run = commands.add_parser("run", parents=[settings], help="run a job")
+    run.add_argument("job", choices=JOB_NAMES, metavar="JOB", help=", ".join(JOB_NAMES))
+
+    config = commands.add_parser("config", help="show the configuration or its schema")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="WHAT")
+    config_commands.add_parser("show", parents=[settings], help="effective values and sources")
+    config_commands.add_parser("schema", help="JSON schema of the configuration")
+
+    commands.add_parser("check", parents=[settings], help="start each service, report, stop")
+    return parser
+
+
+def main(argv: T.Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code.
+
+    Example:
+        >>> main(["config", "show", "--set", "loger.level=INFO"])
+        error: invalid configuration:
+          loger: unknown section (did you mean 'logger'?)
+        2
+    """
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "config" and args.config_command == "schema":
+            return _schema()
+        container = _container(args.profile, args.overrides)
+        if args.command == "config":
+            return _show(container)
+        if args.command == "check":
+            return _check(container)
+        return _run(args.job, container)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _container(profile: str | None, overrides: list[str]) -> Container:
+    from regression_model_template.containers import ConfigError, Container, validate_config
+
+    try:
+        container = Container(config=_parse_overrides(overrides), profile=profile)
+        validate_config(container.config())
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+    return container
+
+
+def _parse_overrides(overrides: list[str]) -> dict[str, dict[str, T.Any]]:
+    from regression_model_template.containers import parse_value
+
+    tree: dict[str, dict[str, T.Any]] = {}
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        section, dot, field = path.strip().partition(".")
+        if not sep or not dot or not section or not field:
+            raise UsageError(
+                f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. logger.level=INFO"
+            )
+        tree.setdefault(section, {})[field] = parse_value(section, field, raw)
+    return tree
+
+
+def _schema() -> int:
+    from regression_model_template.containers import SECTIONS
+
+    schema = {
+        "title": "regression_model_template configuration",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {name: model.model_json_schema() for name, model in SECTIONS.items()},
+    }
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def _show(container: Container) -> int:
+    from regression_model_template.containers import effective_config
+
+    settings = effective_config(container)
+    width = max(len(path) for path in settings)
+    for path, (value, source) in settings.items():
+        print(f"{path:<{width}}  {json.dumps(value)}  # {source}")
+    return 0
+
+
+def _run(job: str, container: Container) -> int:
+    from regression_model_template import jobs
+    from regression_model_template.io.services import ServiceError
+
+    try:
+        result = jobs.run(job, container)
+    except ServiceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # the job failed: logged, alerted, run FAILED
+        cause = container.mlflow_service().redact(f"{type(error).__name__}: {error}")
+        print(f"error: job {job} failed: {cause.splitlines()[0]}", file=sys.stderr)
+        return 1
+    _report(result, container)
+    return 0
+
+
+def _report(result: T.Any, container: Container) -> None:
+    """Tell where the results are, and how to open them."""
+    service = container.mlflow_service()
+    metrics = " ".join(f"{name}={value:.4g}" for name, value in result.metrics.items())
+    print(f"run {result.run_id}: {metrics}")
+    if hasattr(result, "model_version"):
+        print(f"model {service.registry_name} version {result.model_version}")
+    uri = service.redact(service.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        print(f"open the results: {uri}")
+    else:
+        print(f"open the results: mlflow ui --backend-store-uri {uri}")
+
+
+def _check(container: Container) -> int:
+    """Start each service on its own and report; exit 1 when one cannot work."""
+    from regression_model_template.io.services import ServiceError
+
+    checks = [
+        ("logger", container.logger_service, _check_logger),
+        ("alerts", container.alerts_service, _check_alerts),
+        ("mlflow", container.mlflow_service, _check_mlflow),
+    ]
+    failed = 0
+    for name, provider, probe in checks:
+        service = provider()
+        try:
+            with service:
+                status = probe(service)
+        except (ServiceError, OSError) as error:
+            status, failed = f"FAILED {error}", failed + 1
+        print(f"{name:<7} {status}")
+    return 1 if failed else 0
+
+
+def _check_logger(service: T.Any) -> str:
+    service.logger().debug("check: the log sink is writable")
+    return f"ok: writing to {service.sink}"
+
+
+def _check_alerts(service: T.Any) -> str:
+    if service.channel == "desktop":
+        return "ok: desktop notifications"
+    return "ok: alerts print to the console (no desktop notifications here)"
+
+
+def _check_mlflow(service: T.Any) -> str:
+    run_config = service.RunConfig(name="check", log_system_metrics=False)
+    with service.run_context(run_config) as run:
+        service.log_params({"check": "ok"})
+    service.client().delete_run(run.info.run_id)
+    return f"ok: tracking store {service.redact(service.tracking_uri)} is reachable and writable"
+
+
+def entry_point() -> None:
+    """Console script: exit with ``main()``'s code."""
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Evaluation job: score the registered model on the held-out split."""
+
+from __future__ import annotations
+
+import typing as T
+
+from dependency_injector.wiring import Provide
+
+from regression_model_template.containers import Container, inject
+from regression_model_template.io.services import AlertsService, LoggerService, MlflowService
+from regression_model_template.jobs import JobsConfig
+from regression_model_template.jobs.data import load_split, regression_metrics
+
+
+class EvaluationResult(T.NamedTuple):
+    """What an evaluation run measured, and on which model.
+
+    Example:
+        >>> EvaluationResult("abc", {"r2": 0.4}, "models:/m@champion").model_uri
+        'models:/m@champion'
+    """
+
+    run_id: str
+    metrics: dict[str, float]
+    model_uri: str
+
+
+@inject
+def evaluation(
+    config: JobsConfig = Provide[Container.jobs_config],
+    logger_service: LoggerService = Provide[Container.logger_service],
+    alerts: AlertsService = Provide[Container.alerts_service],
+    mlflow_service: MlflowService = Provide[Container.mlflow_service],
+) -> EvaluationResult:
+    """Load the model by ``jobs.model_version`` (or ``jobs.model_alias``) and score it.
+
+    Fails (run FAILED) when the registry has no such model, alias or version.
+    """
+    import mlflow
+
+    name = mlflow_service.registry_name
+    reference = f"{config.model_version}" if config.model_version else f"@{config.model_alias}"
+    model_uri = (
+        f"models:/{name}/{reference}" if config.model_version else f"models:/{name}{reference}"
+    )
+    logger = logger_service.logger()
+    _, x_test, _, y_test = load_split(config)
+    run_config = MlflowService.RunConfig(name="evaluation", tags={"job": "evaluation"})
+    with mlflow_service.run_context(run_config) as run:
+        mlflow_service.log_params({"model_uri": model_uri, "test_size": config.test_size})
+        logger.info("Loading {}", model_uri)
+        model = mlflow.pyfunc.load_model(model_uri)
+        metrics = regression_metrics(y_test, model.predict(x_test))
+        mlflow_service.log_metrics(metrics)
+    logger.info("Evaluated {}: {}", model_uri, metrics)
+    alerts.notify(
+        "evaluation finished",
+        f"rmse={metrics['rmse']:.2f} r2={metrics['r2']:.3f} {model_uri} run {run.info.run_id}",
+    )
+    return EvaluationResult(run.info.run_id, metrics, model_uri)
