@@ -28,5 +28,8 @@ lint: $(STAMP)  ## ruff and mypy --strict
 test: lint  ## lint, type-check, then the whole test suite (server tests included)
 	$(BIN)/pytest
 
+bench: $(STAMP)  ## benchmarks against raw MLflow and loguru; writes benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/run.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

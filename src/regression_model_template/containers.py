@@ -599,6 +599,8 @@ def inject(fn: F) -> F:
 
     @functools.wraps(fn)
     def checked(*args: T.Any, **kwargs: T.Any) -> T.Any:
+        if all(name in kwargs and not _is_marker(kwargs[name]) for name in wanted):
+            return fn(*args, **kwargs)  # the wired path: everything injected as keywords
         given = signature.bind_partial(*args, **kwargs).arguments
         for name in wanted:
             if name not in given or _is_marker(given[name]):

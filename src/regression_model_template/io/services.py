@@ -23,6 +23,7 @@ import inspect
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import types
@@ -38,6 +39,8 @@ from loguru import logger as _logger
 if T.TYPE_CHECKING:
     from mlflow import ActiveRun
     from mlflow.tracking import MlflowClient
+
+    from regression_model_template.io.batching import BatchWriter
 
 __all__ = [
     "AlertsService",
@@ -66,6 +69,25 @@ class ServiceError(RuntimeError):
         self.service = service
         self.setting = setting
         self.cause = cause
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM while an MlflowService runs (exit code 143).
+
+    Unwinding instead of dying lets ``run_context`` flush buffered values and end the run
+    KILLED, and lets the container stop every service; the process still exits.
+
+    Example:
+        >>> Terminated().code
+        143
+    """
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def _terminate(signum: int, frame: types.FrameType | None) -> None:
+    raise Terminated()
 
 
 class RedactedError(Exception):
@@ -280,6 +302,8 @@ class LoggerService(Service):
             >>> service.stop()
         """
         with self._lock:
+            if self._handler_id is not None:
+                return
             stream = _stream(self.sink)
             sink: T.TextIO | str = stream if stream is not None else self.sink
             if stream is None:
@@ -491,6 +515,9 @@ def _desktop_backend() -> tuple[T.Any, str | None]:
 
 # %% MLFLOW
 
+# mlflow.set_tracking_uri / set_registry_uri write these into os.environ.
+_MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
 _SECRET_QUERY_KEYS = re.compile(r"pass|secret|token|key|auth|credential|signature", re.IGNORECASE)
 
 
@@ -556,6 +583,11 @@ class MlflowService(Service):
         registry_name: name under which jobs register their model.
         connect_timeout: seconds ``start()`` waits for an HTTP tracking server to answer before
             failing (MLflow's own retries would take minutes).
+        flush_interval: seconds a value logged with ``log_metrics``/``log_params`` may wait in
+            the buffer before it is written.
+        max_pending: values the buffer holds at most; beyond, ``log_metrics`` waits for the
+            writer (memory stays bounded).
+        write_retries: retries of a failed batch write before the job fails.
         autolog_disable: turn MLflow's autologging off.
         autolog_disable_for_unsupported_versions: skip autolog for untested library versions.
         autolog_exclusive: autolog only into runs that autolog creates itself.
@@ -604,6 +636,9 @@ class MlflowService(Service):
     experiment_name: str = "regression_model_template"
     registry_name: str = "regression_model_template"
     connect_timeout: float = pydantic.Field(default=10.0, gt=0)
+    flush_interval: float = pydantic.Field(default=1.0, gt=0)
+    max_pending: int = pydantic.Field(default=100_000, ge=1000)
+    write_retries: int = pydantic.Field(default=3, ge=0)
     autolog_disable: bool = False
     autolog_disable_for_unsupported_versions: bool = False
     autolog_exclusive: bool = False
@@ -614,6 +649,9 @@ class MlflowService(Service):
     autolog_silent: bool = False
 
     _runs: list[str] = pydantic.PrivateAttr(default_factory=list)
+    _writer: BatchWriter | None = pydantic.PrivateAttr(default=None)
+    _saved_environ: dict[str, str | None] | None = pydantic.PrivateAttr(default=None)
+    _sigterm: bool = pydantic.PrivateAttr(default=False)
 
     @pydantic.field_validator("tracking_uri", "registry_uri")
     @classmethod
@@ -659,6 +697,8 @@ class MlflowService(Service):
         import mlflow
 
         _stdlib_bridge.adopt()  # importing mlflow gave its loggers their own stderr handler
+        if self._saved_environ is None:  # mlflow.set_*_uri write these: restored by stop()
+            self._saved_environ = {name: os.environ.get(name) for name in _MLFLOW_URI_VARIABLES}
         with self._errors("tracking_uri", f"cannot use the tracking store {self._masked()}"):
             mlflow.set_tracking_uri(self.tracking_uri)
             mlflow.set_registry_uri(self.registry)
@@ -674,9 +714,29 @@ class MlflowService(Service):
                 log_datasets=self.autolog_log_datasets,
                 silent=self.autolog_silent,
             )
+        if self._writer is None:
+            # Imported after mlflow: its exit hook then flushes before MLflow ends runs.
+            from regression_model_template.io.batching import BatchWriter
+
+            self._writer = BatchWriter(
+                self.client(),
+                interval=self.flush_interval,
+                max_pending=self.max_pending,
+                retries=self.write_retries,
+                redact=self.redact,
+            )
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        ):
+            signal.signal(signal.SIGTERM, _terminate)
+            self._sigterm = True
 
     def stop(self) -> None:
-        """End the runs this service left open (KILLED) and flush MLflow's pending writes.
+        """Write buffered values, end the runs left open (KILLED), restore MLflow's globals.
+
+        Raises:
+            ServiceError: buffered values could not be written (after every retry).
 
         Example:
             >>> MlflowService().stop()  # never started: harmless
@@ -685,20 +745,29 @@ class MlflowService(Service):
             return  # never started: nothing to end or flush
         import mlflow
 
-        while self._runs:
-            run_id = self._runs.pop()
-            active = mlflow.active_run()
-            if active is not None and active.info.run_id == run_id:
-                _logger.warning("Ending run {} left open when the service stopped: KILLED", run_id)
-                mlflow.end_run("KILLED")
-        with self._errors("tracking_uri", "cannot flush pending writes"):
-            mlflow.flush_async_logging()
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        finally:
+            while self._runs:
+                run_id = self._runs.pop()
+                active = mlflow.active_run()
+                if active is not None and active.info.run_id == run_id:
+                    _logger.warning("Ending run {} left open at stop: KILLED", run_id)
+                    mlflow.end_run("KILLED")
+            if self._sigterm and signal.getsignal(signal.SIGTERM) is _terminate:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self._sigterm = False
+            self._restore_environ()
 
     @contextlib.contextmanager
     def run_context(self, run_config: MlflowService.RunConfig) -> T.Iterator[ActiveRun]:
-        """Start a run and end it FINISHED, FAILED (exception) or KILLED (KeyboardInterrupt).
+        """Start a run; end it FINISHED, FAILED (exception) or KILLED (Ctrl-C, SIGTERM).
 
-        A run started while another is active becomes its nested child.
+        A run started while another is active becomes its nested child. Values buffered by
+        ``log_metrics``/``log_params`` are written before the run ends; if they cannot be,
+        the run ends FAILED and ``ServiceError`` is raised.
 
         Example:
             >>> import tempfile
@@ -722,22 +791,18 @@ class MlflowService(Service):
             )
         run_id = run.info.run_id
         self._runs.append(run_id)
-        status = "FINISHED"
         try:
             yield run
-        except KeyboardInterrupt:
-            status = "KILLED"
+        except (KeyboardInterrupt, Terminated) as error:
+            self._finish(run_id, "KILLED", error)
             raise
-        except SystemExit as exc:
-            status = "FINISHED" if exc.code in (0, None) else "FAILED"
+        except SystemExit as error:
+            self._finish(run_id, "FINISHED" if error.code in (0, None) else "FAILED", error)
             raise
-        except BaseException:
-            status = "FAILED"
+        except BaseException as error:
+            self._finish(run_id, "FAILED", error)
             raise
-        finally:
-            if run_id in self._runs:  # stop() inside the block already ended it
-                self._runs.remove(run_id)
-            self._end_run(run_id, status)
+        self._finish(run_id, "FINISHED", None)
 
     def client(self) -> MlflowClient:
         """Return an ``MlflowClient`` bound to this service's tracking and registry URIs.
@@ -756,7 +821,7 @@ class MlflowService(Service):
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry)
 
     def log_params(self, params: T.Mapping[str, T.Any]) -> None:
-        """Log parameters to the active run.
+        """Log parameters to the active run, through the buffer (see ``log_metrics``).
 
         Example:
             >>> import tempfile
@@ -766,12 +831,18 @@ class MlflowService(Service):
             >>> service.client().get_run(run.info.run_id).data.params
             {'alpha': '0.5'}
         """
-        import mlflow
-
-        mlflow.log_params(dict(params))
+        self._buffer().log_params(self._active_run_id(), params)
 
     def log_metrics(self, metrics: T.Mapping[str, float], step: int | None = None) -> None:
-        """Log metrics to the active run, at ``step`` when given.
+        """Log metrics to the active run, at ``step`` when given: fast, batched, lossless.
+
+        Values go to an in-memory buffer that a background thread writes with ``log_batch``;
+        they land in the run active in the calling thread (or, from another thread, the run
+        most recently started by ``run_context``). Call it freely inside a training loop.
+
+        Raises:
+            ServiceError: no active run, the service is not started, or earlier values could
+                not be written.
 
         Example:
             >>> import tempfile
@@ -781,9 +852,7 @@ class MlflowService(Service):
             >>> service.client().get_run(run.info.run_id).data.metrics
             {'rmse': 53.0}
         """
-        import mlflow
-
-        mlflow.log_metrics(dict(metrics), step=step)
+        self._buffer().log_metrics(self._active_run_id(), metrics, step)
 
     def redact(self, text: str) -> str:
         """Return ``text`` with the credentials of this service's URIs replaced by ``***``.
@@ -816,6 +885,44 @@ class MlflowService(Service):
             safe = _redact(cause, secrets)
             origin: BaseException = exc if safe == cause else RedactedError(safe)
             raise ServiceError("MlflowService", setting, f"{what}: {safe}") from origin
+
+    def _buffer(self) -> BatchWriter:
+        if self._writer is None:
+            raise ServiceError("MlflowService", "start", "not started: log inside `with service:`")
+        return self._writer
+
+    def _active_run_id(self) -> str:
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None:
+            return str(active.info.run_id)
+        if self._runs:  # another thread's run_context: MLflow's active run is per thread
+            return self._runs[-1]
+        raise ServiceError("MlflowService", "run", "no active run: log inside run_context()")
+
+    def _finish(self, run_id: str, status: str, error: BaseException | None) -> None:
+        """Write the run's buffered values, then end it; a failed write makes it FAILED."""
+        if run_id in self._runs:  # stop() inside the block already ended it
+            self._runs.remove(run_id)
+        try:
+            if self._writer is not None:
+                self._writer.flush()
+        except ServiceError as write_error:
+            self._end_run(run_id, "FAILED" if status == "FINISHED" else status)
+            if error is None:
+                raise
+            error.add_note(str(write_error))
+            return
+        self._end_run(run_id, status)
+
+    def _restore_environ(self) -> None:
+        saved, self._saved_environ = self._saved_environ, None
+        for name, value in (saved or {}).items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
     def _end_run(self, run_id: str, status: str) -> None:
         import mlflow

@@ -1,0 +1,454 @@
+"""Benchmarks: the services against raw MLflow and loguru, as ratios measured in the same run.
+
+Usage (``make bench`` runs the full set and writes benchmarks/RESULTS.md)::
+
+    python benchmarks/run.py              # full: SQLite and a local `mlflow server`
+    python benchmarks/run.py --quick      # small sizes, no server: checks that it all runs
+
+Each figure is a median over repeats, divided by its baseline measured in the same run: these
+machines are noisy, ratios are what we compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+import typing as T
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+HERE = Path(__file__).resolve().parent
+Row = tuple[str, str, str, str, str]  # benchmark, measured, baseline, ratio, goal + verdict
+
+
+class Sizes(T.NamedTuple):
+    steps: int  # metric steps (x 5 metrics)
+    per_call_sample: int  # values timed for the per-call baseline (then scaled)
+    log_calls: int
+    repeats: int
+
+
+FULL = Sizes(steps=2000, per_call_sample=500, log_calls=100_000, repeats=5)
+QUICK = Sizes(steps=40, per_call_sample=20, log_calls=2_000, repeats=1)
+METRICS = ("loss", "rmse", "mae", "r2", "lr")
+
+
+# %% helpers
+
+
+def _median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> T.Iterator[str]:
+    """A local `mlflow server` on 127.0.0.1 (one worker, no job runner), stopped on exit."""
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{folder}/server.db",
+        "--artifacts-destination", str(folder / "artifacts"),
+    ]  # fmt: skip
+    log = (folder / "server.log").open("w")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"mlflow server did not start: see {folder}/server.log"
+                    ) from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _count_values(client: T.Any, run_id: str) -> int:
+    return sum(len(client.get_metric_history(run_id, key)) for key in METRICS)
+
+
+# %% 1. metric logging
+
+
+def bench_metrics(uri: str, label: str, sizes: Sizes) -> list[Row]:
+    """Service (buffered) vs per-call ``mlflow.log_metric`` vs one bulk ``log_batch``."""
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from regression_model_template.io.services import MlflowService
+
+    total = sizes.steps * len(METRICS)
+    service = MlflowService(
+        tracking_uri=uri, experiment_name=f"bench-{label}", autolog_disable=True
+    )
+    client = MlflowClient(tracking_uri=uri)
+    run_config = MlflowService.RunConfig(name="bench", log_system_metrics=False)
+    service_totals, caller_costs = [], []
+    with service:
+        for _ in range(sizes.repeats):
+            rows = [{k: step * 0.5 for k in METRICS} for step in range(sizes.steps)]
+            with service.run_context(run_config) as run:
+                start = time.perf_counter()
+                for step, row in enumerate(rows):
+                    service.log_metrics(row, step=step)
+                caller_costs.append((time.perf_counter() - start) / total)
+            service_totals.append(time.perf_counter() - start)  # + the flush at the run's end
+            stored = _count_values(client, run.info.run_id)
+            if stored != total:
+                raise AssertionError(f"{label}: {stored} of {total} values stored (service)")
+
+        # (b) one bulk log_batch of the same values, 1,000 per call (MLflow's limit)
+        bulk_times = []
+        for _ in range(sizes.repeats):
+            with mlflow.start_run(log_system_metrics=False) as run:
+                now = int(time.time() * 1000)
+                values = [
+                    Metric(k, step * 0.5, now, step) for step in range(sizes.steps) for k in METRICS
+                ]
+                start = time.perf_counter()
+                for i in range(0, len(values), 1000):
+                    client.log_batch(run.info.run_id, metrics=values[i : i + 1000])
+                bulk_times.append(time.perf_counter() - start)
+            if _count_values(client, run.info.run_id) != total:
+                raise AssertionError(f"{label}: bulk baseline lost values")
+
+        # (a) per-call log_metric: timed on a sample, scaled to the same number of values
+        sample = min(sizes.per_call_sample, total)
+        with mlflow.start_run(log_system_metrics=False) as run:
+            start = time.perf_counter()
+            for i in range(sample):
+                mlflow.log_metric(METRICS[i % len(METRICS)], i * 0.5, step=i // len(METRICS))
+            per_call = (time.perf_counter() - start) / sample * total
+        if _count_values(client, run.info.run_id) != sample:
+            raise AssertionError(f"{label}: per-call baseline lost values")
+
+    ours, bulk, cost = _median(service_totals), _median(bulk_times), _median(caller_costs)
+    goal_speedup = 20 if label == "sqlite" else 100
+    return [
+        _row(f"metrics {label}: caller cost per value", cost * 1e6, "us", None, 10, "<= 10 us"),
+        _row(f"metrics {label}: total incl. flush vs bulk", ours, "s", bulk, 1.5, "<= 1.5x"),
+        _row(
+            f"metrics {label}: per-call log_metric / total (speed-up)",
+            per_call, "s", ours, None, f">= {goal_speedup}x",
+            speedup_goal=goal_speedup,
+        ),
+    ]  # fmt: skip
+
+
+# %% 2. cold start
+
+
+def bench_cold_start(sizes: Sizes) -> list[Row]:
+    cli = str(Path(sys.executable).with_name("regression-model-template"))
+    commands = {
+        "pass": [sys.executable, "-c", "pass"],
+        "import mlflow": [sys.executable, "-c", "import mlflow"],
+        "import package": [sys.executable, "-c", "import regression_model_template"],
+        "--help": [cli, "--help"],
+    }
+    times = {}
+    for name, command in commands.items():
+        runs = []
+        for _ in range(max(sizes.repeats, 3)):
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            runs.append(time.perf_counter() - start)
+        times[name] = _median(runs)
+    base = times["import mlflow"]
+    return [
+        _row("cold start: --help vs import mlflow", times["--help"], "s", base, 0.25, "<= 0.25x"),
+        _row("cold start: import package vs mlflow", times["import package"], "s", base, None, ""),
+        _row("cold start: python -c pass", times["pass"], "s", None, None, "(reference)"),
+    ]
+
+
+# %% 3. injection
+
+
+def bench_injection(sizes: Sizes) -> list[Row]:
+    from dependency_injector.wiring import Provide
+
+    from regression_model_template.containers import Container, inject
+    from regression_model_template.io.services import AlertsService, MlflowService
+
+    def plain(alerts: AlertsService, mlflow_service: MlflowService) -> int:
+        return 1
+
+    @inject
+    def job(
+        alerts: AlertsService = Provide[Container.alerts_service],
+        mlflow_service: MlflowService = Provide[Container.mlflow_service],
+    ) -> int:
+        return 1
+
+    container = Container(profile=False, environ={})
+    globals()["_bench_job"] = job  # wiring patches module members: make the job one
+    container.wire(modules=[sys.modules[__name__]])
+    alerts, mlflow_service = container.alerts_service(), container.mlflow_service()
+    number = 20_000 if sizes is FULL else 2_000
+    wired = _median(timeit.repeat(job, number=number, repeat=5)) / number
+    direct = (
+        _median(timeit.repeat(lambda: plain(alerts, mlflow_service), number=number, repeat=5))
+        / number
+    )
+    container.unwire()
+    overhead = wired - direct
+    return [_row("injection: @inject overhead per call", overhead * 1e6, "us", None, 3, "<= 3 us")]
+
+
+# %% 4. lifecycle
+
+
+def bench_lifecycle(folder: Path, sizes: Sizes) -> list[Row]:
+    import mlflow
+
+    from regression_model_template.containers import Container, lifespan
+    from regression_model_template.io.services import MlflowService
+
+    uri = f"sqlite:///{folder}/lifecycle.db"
+    config = {
+        "logger": {"sink": str(folder / "lifecycle.log")},
+        "alerts": {"enable": False},
+        "mlflow": {"tracking_uri": uri, "experiment_name": "lifecycle"},
+    }
+    run_config = MlflowService.RunConfig(name="empty", log_system_metrics=False)
+
+    def ours(container: Container) -> None:
+        with lifespan(container), container.mlflow_service().run_context(run_config):
+            pass
+
+    def fresh() -> Container:
+        return Container(config=config, profile=False, environ={})
+
+    def raw() -> None:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        mlflow.set_experiment("lifecycle")
+        mlflow.autolog(log_models=False, log_datasets=False)
+        with mlflow.start_run(run_name="empty", log_system_metrics=False):
+            pass
+
+    ours(fresh())  # creates the store and warms imports: both sides use an existing store
+    raw()
+    repeats = max(sizes.repeats * 2, 3)
+    ours_times = []
+    for _ in range(repeats):
+        container = fresh()  # built outside the timing
+        start = time.perf_counter()
+        ours(container)
+        ours_times.append(time.perf_counter() - start)
+    ours_time = _median(ours_times)
+    raw_time = _median([_timed(raw) for _ in range(repeats)])
+    return [
+        _row(
+            "lifecycle: lifespan + empty run vs raw MLflow",
+            ours_time,
+            "s",
+            raw_time,
+            1.2,
+            "<= 1.2x",
+        )
+    ]
+
+
+def _timed(function: T.Callable[[], None]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+# %% 5. logging
+
+
+def bench_logging(folder: Path, sizes: Sizes) -> list[Row]:
+    from loguru import logger
+
+    from regression_model_template.io.services import DEFAULT_LOG_FORMAT, LoggerService
+
+    def ours(path: Path) -> float:
+        service = LoggerService(sink=str(path), intercept_stdlib=False)
+        with service:
+            log = service.logger()
+            start = time.perf_counter()
+            for i in range(sizes.log_calls):
+                log.info("step {}", i)
+            log.complete()
+            return time.perf_counter() - start
+
+    def raw(path: Path) -> float:
+        handler = logger.add(str(path), format=DEFAULT_LOG_FORMAT, level="DEBUG", diagnose=False)
+        start = time.perf_counter()
+        for i in range(sizes.log_calls):
+            logger.info("step {}", i)
+        logger.complete()
+        elapsed = time.perf_counter() - start
+        logger.remove(handler)
+        return elapsed
+
+    ours_times, raw_times = [], []
+    for repeat in range(max(sizes.repeats, 3)):
+        ours_times.append(ours(folder / f"ours-{repeat}.log"))
+        raw_times.append(raw(folder / f"raw-{repeat}.log"))
+    for repeat in range(max(sizes.repeats, 3)):
+        lines = len((folder / f"ours-{repeat}.log").read_text().splitlines())
+        if lines != sizes.log_calls:
+            raise AssertionError(f"logging: {lines} of {sizes.log_calls} lines written")
+    return [
+        _row(
+            f"logging: {sizes.log_calls:,} calls, LoggerService vs raw loguru",
+            _median(ours_times), "s", _median(raw_times), 1.05, "<= 1.05x",
+        )
+    ]  # fmt: skip
+
+
+# %% 6. alerts
+
+
+def bench_alerts(folder: Path) -> list[Row]:
+    from regression_model_template.io.services import AlertsService
+
+    script = folder / "bin" / "notify-send"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text("#!/bin/sh\nsleep 5\n")
+    script.chmod(0o755)
+    saved = {k: os.environ.get(k) for k in ("PATH", "DISPLAY")}
+    os.environ["PATH"] = f"{script.parent}{os.pathsep}{os.environ['PATH']}"
+    os.environ["DISPLAY"] = ":99"
+    try:
+        alerts = AlertsService(max_wait=1.0)
+        with alerts, open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            elapsed = _timed(lambda: alerts.notify("bench", "hanging backend"))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return [
+        _row(
+            "alerts: notify with a hanging backend (bound 1.0 s)",
+            elapsed,
+            "s",
+            None,
+            1.1,
+            "<= bound + 0.1 s",
+        )
+    ]
+
+
+# %% report
+
+
+def _row(
+    name: str,
+    value: float,
+    unit: str,
+    baseline: float | None,
+    limit: float | None,
+    goal: str,
+    speedup_goal: float | None = None,
+) -> Row:
+    if speedup_goal is not None and baseline is not None:
+        ratio = value / baseline
+        verdict = "met" if ratio >= speedup_goal else "MISSED"
+        return (
+            name,
+            f"{baseline:.3g} {unit}",
+            f"{value:.3g} {unit}",
+            f"{ratio:.1f}x",
+            f"{goal} {verdict}",
+        )
+    ratio_text, verdict = "", ""
+    if baseline is not None:
+        ratio = value / baseline
+        ratio_text = f"{ratio:.2f}x"
+        if limit is not None:
+            verdict = "met" if ratio <= limit else "MISSED"
+    elif limit is not None:
+        verdict = "met" if value <= limit else "MISSED"
+    base_text = f"{baseline:.3g} {unit}" if baseline is not None else ""
+    return (name, f"{value:.3g} {unit}", base_text, ratio_text, f"{goal} {verdict}".strip())
+
+
+def write_results(rows: list[Row], path: Path, note: str) -> None:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `make bench` ({note}). Medians of repeats; each ratio is against a",
+        "baseline measured in the same run. Per-call `log_metric` baselines are timed on a",
+        "sample of values and scaled to the full count (the full count takes minutes over HTTP).",
+        "",
+        "| benchmark | measured | baseline | ratio | goal |",
+        "|---|---|---|---|---|",
+        *[f"| {' | '.join(row)} |" for row in rows],
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: T.Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="small sizes, no server")
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    folder = Path(tempfile.mkdtemp(prefix="rmt-bench-"))
+    rows: list[Row] = []
+    try:
+        rows += bench_metrics(f"sqlite:///{folder}/metrics.db", "sqlite", sizes)
+        if not args.quick:
+            with mlflow_server(folder) as url:
+                rows += bench_metrics(url, "http", sizes)
+        rows += bench_injection(sizes)
+        rows += bench_lifecycle(folder, sizes)
+        rows += bench_logging(folder, sizes)
+        rows += bench_alerts(folder)
+        rows += bench_cold_start(sizes)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    note = "quick mode: sizes too small for the goals" if args.quick else "full sizes"
+    write_results(rows, args.output, note)
+    for row in rows:
+        print(" | ".join(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
