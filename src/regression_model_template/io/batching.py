@@ -98,6 +98,7 @@ class BatchWriter:
         self._urgent = False  # a flush is waiting: write now
         self._closed = False
         self._error: WriteError | None = None
+        self._reported = False  # the error has reached a caller: close() need not repeat it
         self._thread = threading.Thread(target=self._run, name="mlflow-batch-writer", daemon=True)
         self._thread.start()
         _open_writers.add(self)
@@ -139,7 +140,7 @@ class BatchWriter:
             self._lock.notify_all()
             while self._written < target:
                 if self._error is not None:
-                    raise self._error
+                    raise self._failure()
                 if not self._thread.is_alive():
                     raise WriteError(f"{target - self._written} values not written: writer stopped")
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -149,12 +150,16 @@ class BatchWriter:
                     )
                 self._lock.wait(remaining if remaining is not None else 1.0)
             if self._error is not None:
-                raise self._error
+                raise self._failure()
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush, then stop the background thread. Closing twice is harmless."""
+        """Flush, then stop the background thread. Closing twice is harmless.
+
+        Raises:
+            WriteError: values could not be written, unless a caller was already told.
+        """
         try:
-            if not self._closed:
+            if not self._closed and not self._reported:
                 self.flush(timeout)
         finally:
             with self._lock:
@@ -169,6 +174,12 @@ class BatchWriter:
         with self._lock:
             return self._queued - self._written
 
+    @property
+    def buffered(self) -> int:
+        """Values waiting in memory for the writer (bounded by ``max_pending``)."""
+        with self._lock:
+            return len(self._metrics) + len(self._params)
+
     def _admit(self) -> None:
         """Raise a stored failure; wait while the buffer is full (called with the lock)."""
         if self._closed:
@@ -178,7 +189,12 @@ class BatchWriter:
             self._lock.notify_all()
             self._lock.wait(1.0)
         if self._error is not None:
-            raise self._error
+            raise self._failure()
+
+    def _failure(self) -> WriteError:
+        assert self._error is not None
+        self._reported = True
+        return self._error
 
     # -- writer side
 

@@ -1,0 +1,238 @@
+"""Buffered metric logging: every value lands, in the right run, whatever ends the run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import typing as T
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from regression_model_template.io.batching import BatchWriter, WriteError
+from regression_model_template.io.services import MlflowService, ServiceError
+
+RunConfig = MlflowService.RunConfig
+
+
+@pytest.fixture
+def uri(tmp_path: Path, _mlflow_template_store: Path) -> str:
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(_mlflow_template_store, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def service(uri: str) -> T.Iterator[MlflowService]:
+    service = MlflowService(
+        tracking_uri=uri, experiment_name="batching", autolog_disable=True, flush_interval=0.2
+    )
+    with service:
+        yield service
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def _status(client: MlflowClient, run_id: str) -> str:
+    return str(client.get_run(run_id).info.status)
+
+
+def test_values_land_in_the_run_that_was_active_when_logged(service: MlflowService) -> None:
+    with service.run_context(RunConfig(name="outer", log_system_metrics=False)) as outer:
+        service.log_metrics({"loss": 1.0}, step=0)
+        with service.run_context(RunConfig(name="inner", log_system_metrics=False)) as inner:
+            service.log_metrics({"loss": 2.0}, step=0)
+            service.log_params({"depth": 3})
+        service.log_metrics({"loss": 0.5}, step=1)
+
+    client = service.client()
+    assert _history(client, outer.info.run_id, "loss") == [(0, 1.0), (1, 0.5)]
+    assert _history(client, inner.info.run_id, "loss") == [(0, 2.0)]
+    assert client.get_run(inner.info.run_id).data.params == {"depth": "3"}
+    assert _status(client, outer.info.run_id) == "FINISHED"
+
+
+def test_many_threads_at_once_lose_nothing(service: MlflowService) -> None:
+    def work(thread: int) -> None:
+        for step in range(250):
+            service.log_metrics({f"t{thread}": float(step)}, step=step)
+
+    with service.run_context(RunConfig(name="threads", log_system_metrics=False)) as run:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    client = service.client()
+    for i in range(8):
+        assert len(_history(client, run.info.run_id, f"t{i}")) == 250
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(ValueError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+)
+def test_a_run_ended_by_an_exception_keeps_every_value(
+    service: MlflowService, error: BaseException, status: str
+) -> None:
+    with (
+        pytest.raises(type(error)),
+        service.run_context(RunConfig(name="raises", log_system_metrics=False)) as run,
+    ):
+        for step in range(2000):
+            service.log_metrics({"loss": float(step)}, step=step)
+        raise error
+
+    client = service.client()
+    assert len(_history(client, run.info.run_id, "loss")) == 2000
+    assert _status(client, run.info.run_id) == status
+
+
+def test_logging_outside_a_run_or_a_started_service_is_an_error(uri: str) -> None:
+    service = MlflowService(tracking_uri=uri, autolog_disable=True)
+    with pytest.raises(ServiceError, match="not started"):
+        service.log_metrics({"loss": 1.0})
+    with service, pytest.raises(ServiceError, match="no active run"):
+        service.log_metrics({"loss": 1.0})
+
+
+def test_stop_writes_what_is_buffered(uri: str) -> None:
+    service = MlflowService(tracking_uri=uri, autolog_disable=True, flush_interval=60)
+    client = service.client()
+    run_id = client.create_run(client.create_experiment("stop")).info.run_id
+    service.start()
+    writer = service._buffer()
+    writer.log_metrics(run_id, {"loss": 1.0}, step=0)
+    assert writer.pending == 1  # the interval is long: still buffered
+
+    service.stop()
+
+    assert _history(client, run_id, "loss") == [(0, 1.0)]
+
+
+def test_memory_stays_bounded_the_caller_waits(uri: str) -> None:
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("bounded")).info.run_id
+    writer = BatchWriter(client, max_pending=1000, interval=10)
+    most = 0
+    for step in range(1500):
+        writer.log_metrics(run_id, {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0, "e": 5.0}, step=step)
+        most = max(most, writer.buffered)
+    writer.close()
+
+    assert most <= 1000 + 4
+    assert len(client.get_metric_history(run_id, "e")) == 1500
+
+
+def test_a_failing_write_is_retried_then_reported(uri: str) -> None:
+    client = MlflowClient(uri)
+    writer = BatchWriter(client, retries=2, backoff=0.01)
+
+    writer.log_metrics("no-such-run", {"loss": 1.0})
+    with pytest.raises(WriteError, match="1 values could not be written .* after 3 attempts"):
+        writer.flush()
+    with pytest.raises(WriteError):  # and every later call says so: nothing is dropped silently
+        writer.log_metrics("no-such-run", {"loss": 2.0})
+
+
+def test_a_transient_failure_is_retried_and_nothing_is_lost(uri: str) -> None:
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("transient")).info.run_id
+    client.delete_run(run_id)  # writes to a deleted run fail ...
+    writer = BatchWriter(client, retries=3, backoff=2.0)
+    writer.log_metrics(run_id, {"loss": 1.0})
+    flushing = threading.Thread(target=writer.flush)  # first attempt now, retry after 2 s
+    flushing.start()
+    time.sleep(0.3)
+    client.restore_run(run_id)  # ... until the run is back, before the first retry
+    flushing.join()
+
+    writer.close()
+
+    assert _history(client, run_id, "loss") == [(0, 1.0)]
+
+
+def test_a_write_failure_inside_run_context_fails_the_run(uri: str) -> None:
+    service = MlflowService(tracking_uri=uri, autolog_disable=True, write_retries=1)
+    with (
+        service,
+        pytest.raises(ServiceError, match="2 values could not be written .* after 2 attempts"),
+        service.run_context(RunConfig(name="lost", log_system_metrics=False)) as run,
+    ):
+        service.log_params({"alpha": 1})
+        service.log_params({"alpha": 2})  # MLflow refuses to change a parameter
+
+    assert _status(service.client(), run.info.run_id) == "FAILED"
+
+
+_CHILD = """
+import os, signal, sys
+import mlflow
+from regression_model_template.io.services import MlflowService
+service = MlflowService(tracking_uri=sys.argv[1], autolog_disable=True, flush_interval=60)
+service.start()
+{body}
+"""
+
+
+def _child(tmp_path: Path, uri: str, body: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD.format(body=textwrap.dedent(body)))
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    return subprocess.run(
+        [sys.executable, str(script), uri], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def _only_run(uri: str) -> tuple[MlflowClient, str]:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("regression_model_template")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0].info.run_id
+
+
+def test_sigterm_flushes_and_ends_the_run_killed(tmp_path: Path, uri: str) -> None:
+    result = _child(
+        tmp_path,
+        uri,
+        """
+        with service.run_context(MlflowService.RunConfig(name="term")):
+            for step in range(2000):
+                service.log_metrics({"loss": float(step)}, step=step)
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not stop the job")
+        """,
+    )
+
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    client, run_id = _only_run(uri)
+    assert len(client.get_metric_history(run_id, "loss")) == 2000
+    assert _status(client, run_id) == "KILLED"
+
+
+def test_normal_interpreter_exit_writes_what_is_buffered(tmp_path: Path, uri: str) -> None:
+    result = _child(
+        tmp_path,
+        uri,
+        """
+        mlflow.start_run()  # never ended, and the service is never stopped
+        for step in range(2000):
+            service.log_metrics({"loss": float(step)}, step=step)
+        """,
+    )
+
+    assert result.returncode == 0, result.stderr
+    client, run_id = _only_run(uri)
+    assert len(client.get_metric_history(run_id, "loss")) == 2000
+    assert "cannot schedule new futures" not in result.stderr
