@@ -138,7 +138,7 @@ def test_a_failing_write_is_retried_then_reported(uri: str) -> None:
     writer = BatchWriter(client, retries=2, backoff=0.01)
 
     writer.log_metrics("no-such-run", {"loss": 1.0})
-    with pytest.raises(WriteError, match="1 values could not be written .* after 3 attempts"):
+    with pytest.raises(WriteError, match=r"1 values could not be written .* after 3 attempts"):
         writer.flush()
     with pytest.raises(WriteError):  # and every later call says so: nothing is dropped silently
         writer.log_metrics("no-such-run", {"loss": 2.0})
@@ -165,7 +165,7 @@ def test_a_write_failure_inside_run_context_fails_the_run(uri: str) -> None:
     service = MlflowService(tracking_uri=uri, autolog_disable=True, write_retries=1)
     with (
         service,
-        pytest.raises(ServiceError, match="2 values could not be written .* after 2 attempts"),
+        pytest.raises(ServiceError, match=r"2 values could not be written .* after 2 attempts"),
         service.run_context(RunConfig(name="lost", log_system_metrics=False)) as run,
     ):
         service.log_params({"alpha": 1})
