@@ -596,11 +596,12 @@ def inject(fn: F) -> F:
     """
     signature = inspect.signature(fn)
     wanted = [n for n, p in signature.parameters.items() if _is_marker(p.default)]
+    wanted_keys = frozenset(wanted)
 
     @functools.wraps(fn)
     def checked(*args: T.Any, **kwargs: T.Any) -> T.Any:
-        if all(name in kwargs and not _is_marker(kwargs[name]) for name in wanted):
-            return fn(*args, **kwargs)  # the wired path: everything injected as keywords
+        if wanted_keys <= kwargs.keys():  # the wired path: every dependency injected
+            return fn(*args, **kwargs)
         given = signature.bind_partial(*args, **kwargs).arguments
         for name in wanted:
             if name not in given or _is_marker(given[name]):
