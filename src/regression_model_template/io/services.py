@@ -577,7 +577,8 @@ class MlflowService(Service):
 
     Attributes:
         tracking_uri: where runs are stored. Default: a SQLite database under ``mlruns/`` in the
-            working directory (the folder is created), artifacts beside it.
+            working directory (the folder is created). The artifacts of experiments it creates
+            in a SQLite store go beside the database, in ``artifacts/<experiment>``.
         registry_uri: where models are registered. Default (None): the tracking URI.
         experiment_name: experiment created or selected by ``start()``.
         registry_name: name under which jobs register their model.
@@ -702,6 +703,7 @@ class MlflowService(Service):
         with self._errors("tracking_uri", f"cannot use the tracking store {self._masked()}"):
             mlflow.set_tracking_uri(self.tracking_uri)
             mlflow.set_registry_uri(self.registry)
+            self._create_experiment_beside_store()
             mlflow.set_experiment(self.experiment_name)
         with self._errors("autolog_disable", "cannot configure autolog"):
             mlflow.autolog(
@@ -915,6 +917,18 @@ class MlflowService(Service):
             error.add_note(str(write_error))
             return
         self._end_run(run_id, status)
+
+    def _create_experiment_beside_store(self) -> None:
+        """Keep a SQLite store's artifacts beside the database file.
+
+        MLflow would otherwise put them in ``./mlruns`` of whatever the working directory is.
+        """
+        path = _sqlite_path(self.tracking_uri)
+        client = self.client()
+        if path is None or client.get_experiment_by_name(self.experiment_name) is not None:
+            return
+        folder = path.parent.resolve() / "artifacts" / re.sub(r"[^\w.-]", "_", self.experiment_name)
+        client.create_experiment(self.experiment_name, artifact_location=folder.as_uri())
 
     def _restore_environ(self) -> None:
         saved, self._saved_environ = self._saved_environ, None
