@@ -1,0 +1,283 @@
+"""The command line, run in a subprocess as a user would, in a fresh working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from regression_model_template import cli, jobs
+from regression_model_template.containers import SECTIONS
+
+# Settings a user's shell could hold that would leak into the commands under test, and the
+# variables that would send alerts to a desktop instead of the console.
+LEAKY_PREFIXES = ("RMT_", "MLFLOW_")
+DESKTOP = ("DBUS_SESSION_BUS_ADDRESS", "DISPLAY", "WAYLAND_DISPLAY")
+SECRET_URI = "https://user:s3cret@mlflow.example.com"
+
+
+def _environ(**extra: str) -> dict[str, str]:
+    environ = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(LEAKY_PREFIXES) and name not in DESKTOP
+    }
+    environ.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", **extra)
+    return environ
+
+
+def _cli(cwd: Path, *args: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "regression_model_template", *args],
+        cwd=cwd,
+        env=_environ(**environ),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh working directory where `run training` ran once (on the embedded default)."""
+    path = tmp_path_factory.mktemp("workdir")
+    training = _cli(path, "run", "training")
+    (path / "training.stdout").write_text(training.stdout)
+    (path / "training.stderr").write_text(training.stderr)
+    (path / "training.rc").write_text(str(training.returncode))
+    return path
+
+
+# %% help, and what it imports
+
+
+def test_help_exits_0_and_names_the_commands(tmp_path: Path) -> None:
+    result = _cli(tmp_path, "--help")
+
+    assert result.returncode == 0, result.stderr
+    for command in ("run", "config", "check"):
+        assert command in result.stdout
+    run_help = _cli(tmp_path, "run", "--help")
+    assert run_help.returncode == 0
+    assert "training, evaluation" in run_help.stdout
+    assert "--set SECTION.FIELD=VALUE" in run_help.stdout
+
+
+def test_help_imports_neither_mlflow_nor_sklearn(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        import regression_model_template.cli as cli
+        try:
+            cli.main(["--help"])
+        except SystemExit as exit:
+            assert exit.code == 0, exit.code
+        heavy = sorted(m for m in ("mlflow", "sklearn") if m in sys.modules)
+        assert not heavy, heavy
+        print("light")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=_environ(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert _last_line(result.stdout) == "light"
+
+
+def test_the_command_line_offers_every_job() -> None:
+    assert tuple(jobs.JOBS) == cli.JOB_NAMES
+
+
+# %% run
+
+
+def test_run_training_on_the_embedded_default(workdir: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    stdout = (workdir / "training.stdout").read_text()
+    stderr = (workdir / "training.stderr").read_text()
+    assert (workdir / "training.rc").read_text() == "0", stderr
+
+    # Where the results are: the run id, the metrics, and the command that opens them.
+    match = re.search(r"^run (\w{32}): rmse=(\S+) mae=(\S+) r2=(\S+)$", stdout, re.MULTILINE)
+    assert match, stdout
+    run_id = match.group(1)
+    assert "model regression_model_template version 1" in stdout
+    assert "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db" in stdout
+    # The store is where the printed command looks, and holds the run and the model.
+    store = workdir / "mlruns" / "mlflow.db"
+    assert store.is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["rmse"] == pytest.approx(float(match.group(2)), rel=1e-3)
+    champion = client.get_model_version_by_alias("regression_model_template", "champion")
+    assert champion.run_id == run_id
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(workdir / "mlruns")
+    assert "predicted_vs_actual.png" in {p.name for p in artifacts.iterdir()}
+
+
+def test_run_evaluation_after_training(workdir: Path) -> None:
+    result = _cli(workdir, "run", "evaluation")
+
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^run \w{32}: rmse=\S+ mae=\S+ r2=\S+$", result.stdout, re.MULTILINE)
+    assert "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db" in result.stdout
+
+
+def test_a_failing_job_exits_1_with_one_line(tmp_path: Path, _mlflow_template_store: Path) -> None:
+    # An empty store (schema ready, to stay fast): evaluation before any model is registered.
+    (tmp_path / "mlruns").mkdir()
+    shutil.copyfile(_mlflow_template_store, tmp_path / "mlruns" / "mlflow.db")
+
+    result = _cli(tmp_path, "run", "evaluation")
+
+    assert result.returncode == 1
+    last = _last_line(result.stderr)
+    assert re.fullmatch(r"error: job evaluation failed: MlflowException: .*not found", last), last
+    assert "Traceback" not in last
+    # The alert went to the console (no desktop here), on one line.
+    alert = "[regression_model_template] evaluation failed: MlflowException: "
+    assert alert in result.stdout
+
+
+# %% bad input: exit 2, one clear line, no traceback
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "nope"], "invalid choice: 'nope' (choose from 'training', 'evaluation')"),
+        (
+            ["run", "training", "--set", "loger.level=INFO"],
+            "loger: unknown section (did you mean 'logger'?)",
+        ),
+        (
+            ["config", "show", "--set", "logger.levl=INFO"],
+            "logger.levl: unknown key (did you mean 'level'?)",
+        ),
+        (["run", "training", "--set", "logger.level"], "--set 'logger.level': expected SECTION"),
+        (["check", "--set", "level=INFO"], "--set 'level=INFO': expected SECTION.FIELD=VALUE"),
+        (["run", "training", "--profile", "nope"], "no profile named 'nope'"),
+        (["config", "show", "--profile", "missing.yaml"], "no such file 'missing.yaml'"),
+        (["run", "training", "--set", "jobs.alpha=-1"], "jobs.alpha: Input should be"),
+    ],
+    ids=[
+        "unknown-job",
+        "misspelt-section",
+        "misspelt-key",
+        "set-without-value",
+        "set-without-section",
+        "unknown-profile",
+        "missing-profile-file",
+        "invalid-value",
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    result = _cli(tmp_path, *args)
+
+    assert result.returncode == 2, result.stderr
+    # The last line says what is wrong; above it at most a heading or argparse's usage.
+    assert expected in _last_line(result.stderr)
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 4, result.stderr
+    assert result.stdout == ""
+    assert not (tmp_path / "mlruns").exists()  # nothing ran
+
+
+# %% config
+
+
+def test_config_show_lists_every_setting_with_its_source_and_masks_secrets(
+    tmp_path: Path,
+) -> None:
+    result = _cli(
+        tmp_path, "config", "show", "--set", "logger.level=WARNING", MLFLOW_TRACKING_URI=SECRET_URI
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    expected = {f"{s}.{f}" for s, model in SECTIONS.items() for f in model.model_fields}
+    assert set(lines) == expected
+    for line in lines.values():
+        assert re.search(r"  # (default|profile \S+|environment \w+|explicit)$", line), line
+    masked = '"https://user:***@mlflow.example.com"  # environment MLFLOW_TRACKING_URI'
+    assert lines["mlflow.tracking_uri"].endswith(masked)
+    assert lines["logger.level"].endswith('"WARNING"  # explicit')
+    assert re.search(r"# profile .*local\.yaml$", lines["mlflow.experiment_name"])
+    assert lines["jobs.alpha"].endswith("1.0  # default")
+
+
+def test_config_schema_is_json_with_every_section(tmp_path: Path) -> None:
+    result = _cli(tmp_path, "config", "schema")
+
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(result.stdout)
+    assert set(schema["properties"]) == {"logger", "alerts", "mlflow", "jobs"}
+    assert "tracking_uri" in schema["properties"]["mlflow"]["properties"]
+    assert schema["properties"]["mlflow"]["additionalProperties"] is False
+
+
+# %% check
+
+
+def test_check_reports_one_line_per_service(workdir: Path) -> None:
+    result = _cli(workdir, "check")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["logger", "ok:"],
+        ["alerts", "ok:"],
+        ["mlflow", "ok:"],
+    ]
+    assert "sqlite:///mlruns/mlflow.db is reachable and writable" in lines[2]
+
+
+def test_check_exits_1_when_the_tracking_server_does_not_answer(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+
+    result = _cli(
+        tmp_path,
+        "check",
+        "--set",
+        f"mlflow.tracking_uri={uri}",
+        "--set",
+        "mlflow.connect_timeout=1",
+    )
+
+    assert result.returncode == 1
+    lines = dict(line.split(maxsplit=1) for line in result.stdout.strip().splitlines())
+    assert lines["logger"].startswith("ok:")
+    assert lines["alerts"].startswith("ok:")
+    failure = f"FAILED MlflowService.tracking_uri: no answer from the tracking server {uri} "
+    assert lines["mlflow"].startswith(failure), lines["mlflow"]
+    assert "within 1 s (mlflow.connect_timeout)" in lines["mlflow"]
+    assert "Traceback" not in result.stdout + result.stderr
