@@ -281,3 +281,21 @@ def test_check_exits_1_when_the_tracking_server_does_not_answer(tmp_path: Path) 
     assert lines["mlflow"].startswith(failure), lines["mlflow"]
     assert "within 1 s (mlflow.connect_timeout)" in lines["mlflow"]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "regression_model_template", "config", "schema"],
+        cwd=tmp_path,
+        env=_environ(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # like `| head` exiting before the schema is written
+
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 1
+    assert "Traceback" not in stderr
+    assert "BrokenPipeError" not in stderr

@@ -1,8 +1,6 @@
 """``python -m regression_model_template``: the command line."""
 
-import sys
-
-from regression_model_template.cli import main
+from regression_model_template.cli import entry_point
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -15,7 +15,6 @@ scikit-learn are imported when a job runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -85,33 +84,12 @@ def main(argv: T.Sequence[str] | None = None) -> int:
         container = _container(args.profile, args.overrides)
         if args.command == "config":
             return _show(container)
-        with _no_mlflow_links():
-            if args.command == "check":
-                return _check(container)
-            return _run(args.job, container)
+        if args.command == "check":
+            return _check(container)
+        return _run(args.job, container)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-
-@contextlib.contextmanager
-def _no_mlflow_links() -> T.Iterator[None]:
-    """Stop MLflow printing "View run ... at <tracking URI>" while a command runs.
-
-    At the end of each run on a tracking server, MLflow writes that link to stdout with the
-    URI's credentials unmasked (``https://user:token@host/#/...``). The command line prints its
-    own link, credentials masked (see ``_report``). The variable is restored afterwards.
-    """
-    name = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
-    saved = os.environ.get(name)
-    os.environ[name] = "true"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
 
 
 def _container(profile: str | None, overrides: list[str]) -> Container:
@@ -236,4 +214,11 @@ def _check_mlflow(service: T.Any) -> str:
 
 def entry_point() -> None:
     """Console script: exit with ``main()``'s code."""
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`... | head`): no traceback; stop Python's exit flush failing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    sys.exit(code)

@@ -294,12 +294,6 @@ def test_credentials_in_the_tracking_uri_are_never_printed(
     assert only_run(client_for(mlflow_server), experiment).info.status == "FINISHED"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MLflow prints 'View run <name> at: <tracking URI>' with the URI's credentials at "
-    "each end_run on a server; the command line suppresses it (cli._no_mlflow_links), "
-    "MlflowService does not yet (io/services.py)",
-)
 def test_credentials_are_not_printed_by_an_in_process_job(
     mlflow_server: str,
     restore_mlflow: None,

@@ -517,6 +517,9 @@ def _desktop_backend() -> tuple[T.Any, str | None]:
 
 # mlflow.set_tracking_uri / set_registry_uri write these into os.environ.
 _MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+# MLflow prints "View run ... at: <tracking URI>" at each end_run on a server, credentials
+# included (and fetches the run again to do so): silenced while the service runs.
+_MLFLOW_QUIET_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 _SECRET_QUERY_KEYS = re.compile(r"pass|secret|token|key|auth|credential|signature", re.IGNORECASE)
 
@@ -699,7 +702,9 @@ class MlflowService(Service):
 
         _stdlib_bridge.adopt()  # importing mlflow gave its loggers their own stderr handler
         if self._saved_environ is None:  # mlflow.set_*_uri write these: restored by stop()
-            self._saved_environ = {name: os.environ.get(name) for name in _MLFLOW_URI_VARIABLES}
+            names = (*_MLFLOW_URI_VARIABLES, _MLFLOW_QUIET_LINKS)
+            self._saved_environ = {name: os.environ.get(name) for name in names}
+            os.environ[_MLFLOW_QUIET_LINKS] = "true"
         with self._errors("tracking_uri", f"cannot use the tracking store {self._masked()}"):
             mlflow.set_tracking_uri(self.tracking_uri)
             mlflow.set_registry_uri(self.registry)
