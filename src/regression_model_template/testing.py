@@ -22,6 +22,7 @@ Example (a test in your project)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -36,7 +37,7 @@ from loguru import logger
 from regression_model_template.containers import Container
 from regression_model_template.io.services import AlertsService
 
-__all__ = ["Alert", "RecordingAlertsService"]
+__all__ = ["Alert", "RecordingAlertsService", "mlflow_globals_restored"]
 
 
 class Alert(T.NamedTuple):
@@ -129,7 +130,6 @@ def service_container(
     store = tmp_path / "mlruns" / "mlflow.db"
     store.parent.mkdir(parents=True)
     shutil.copyfile(_mlflow_template_store, store)
-    saved_environ = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     container = Container(
         config={
             "logger": {"sink": str(tmp_path / "logs" / "job.log"), "colorize": False},
@@ -143,29 +143,45 @@ def service_container(
     )
     if service_container_packages:
         container.wire(packages=service_container_packages)
+    with mlflow_globals_restored():
+        try:
+            yield container
+        finally:
+            container.services.shutdown()
+            container.unwire()
+
+
+@contextlib.contextmanager
+def mlflow_globals_restored() -> T.Iterator[None]:
+    """Undo what code run inside leaves in MLflow's globals: open runs, URIs, environment.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ``;
+    without this, one test's store would leak into the next test's configuration.
+
+    Example:
+        >>> import os
+        >>> with mlflow_globals_restored():
+        ...     os.environ["MLFLOW_EXPERIMENT_ID"] = "7"
+        >>> "MLFLOW_EXPERIMENT_ID" in os.environ
+        False
+    """
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+    saved = {name: os.environ.get(name) for name in names}
     try:
-        yield container
+        yield
     finally:
-        container.services.shutdown()
-        container.unwire()
-        _reset_mlflow(saved_environ)
+        if "mlflow" in sys.modules:
+            import mlflow
 
-
-def _reset_mlflow(saved_environ: dict[str, str | None]) -> None:
-    """End runs a test left open and restore MLflow's global URIs for the next test."""
-    if "mlflow" not in sys.modules:
-        return
-    import mlflow
-
-    while mlflow.active_run() is not None:
-        mlflow.end_run("KILLED")
-    mlflow.set_tracking_uri(saved_environ["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]
-    mlflow.set_registry_uri(saved_environ["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
-    for name, value in saved_environ.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+            while mlflow.active_run() is not None:
+                mlflow.end_run("KILLED")
+            mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]
+            mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ writes to its own experiment; the training tests share the registered model
 from __future__ import annotations
 
 import base64
-import os
 import re
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 
 from regression_model_template import jobs
 from regression_model_template.containers import Container
+from regression_model_template.testing import mlflow_globals_restored
 from tests.integration.conftest import clean_environ
 
 if T.TYPE_CHECKING:
@@ -131,22 +131,8 @@ def only_run(client: MlflowClient, experiment: str) -> T.Any:
 @pytest.fixture
 def restore_mlflow() -> Iterator[None]:
     """Undo what an in-process job leaves in MLflow's globals and in ``os.environ``."""
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
-    saved = {name: os.environ.get(name) for name in names}
-    try:
+    with mlflow_globals_restored():
         yield
-    finally:
-        import mlflow
-
-        while mlflow.active_run() is not None:
-            mlflow.end_run("KILLED")
-        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]
-        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def run_in_process(name: str, tracking_uri: str, experiment: str) -> T.Any:
