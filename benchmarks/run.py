@@ -53,6 +53,12 @@ def _median(times: list[float]) -> float:
     return statistics.median(times)
 
 
+def _timed(function: T.Callable[[], None]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -238,6 +244,7 @@ def bench_injection(sizes: Sizes) -> list[Row]:
 
 def bench_lifecycle(folder: Path, sizes: Sizes) -> list[Row]:
     import mlflow
+    from loguru import logger
 
     from regression_model_template.containers import Container, lifespan
     from regression_model_template.io.services import MlflowService
@@ -265,17 +272,26 @@ def bench_lifecycle(folder: Path, sizes: Sizes) -> list[Row]:
         with mlflow.start_run(run_name="empty", log_system_metrics=False):
             pass
 
+    def service_only() -> None:
+        service = MlflowService(tracking_uri=uri, experiment_name="lifecycle")
+        with service, service.run_context(run_config):
+            pass
+
+    def loguru_add_remove() -> None:
+        handler = logger.add(str(folder / "lifecycle-raw.log"))
+        logger.remove(handler)
+
     ours(fresh())  # creates the store and warms imports: both sides use an existing store
     raw()
-    repeats = max(sizes.repeats * 2, 3)
-    ours_times = []
-    for _ in range(repeats):
+    times: dict[str, list[float]] = {"ours": [], "raw": [], "service": [], "loguru": []}
+    for _ in range(max(sizes.repeats * 4, 3)):  # interleaved: drift hits every side alike
         container = fresh()  # built outside the timing
-        start = time.perf_counter()
-        ours(container)
-        ours_times.append(time.perf_counter() - start)
-    ours_time = _median(ours_times)
-    raw_time = _median([_timed(raw) for _ in range(repeats)])
+        times["ours"].append(_timed(lambda c=container: ours(c)))  # type: ignore[misc]
+        times["raw"].append(_timed(raw))
+        times["service"].append(_timed(service_only))
+        times["loguru"].append(_timed(loguru_add_remove))
+    ours_time, raw_time = _median(times["ours"]), _median(times["raw"])
+    service, add = _median(times["service"]), _median(times["loguru"])
     return [
         _row(
             "lifecycle: lifespan + empty run vs raw MLflow",
@@ -284,14 +300,12 @@ def bench_lifecycle(folder: Path, sizes: Sizes) -> list[Row]:
             raw_time,
             1.2,
             "<= 1.2x",
-        )
+        ),
+        _row(
+            "lifecycle: MlflowService alone vs raw MLflow", service, "s", raw_time, None, "(part)"
+        ),
+        _row("lifecycle: one loguru logger.add + remove", add, "s", None, None, "(part)"),
     ]
-
-
-def _timed(function: T.Callable[[], None]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 # %% 5. logging
@@ -323,9 +337,12 @@ def bench_logging(folder: Path, sizes: Sizes) -> list[Row]:
         return elapsed
 
     ours_times, raw_times = [], []
-    for repeat in range(max(sizes.repeats, 3)):
-        ours_times.append(ours(folder / f"ours-{repeat}.log"))
-        raw_times.append(raw(folder / f"raw-{repeat}.log"))
+    for repeat in range(max(sizes.repeats, 3)):  # alternate which side goes first
+        first, second = (ours, raw) if repeat % 2 == 0 else (raw, ours)
+        times = {first: first(folder / f"{first.__name__}-{repeat}.log")}
+        times[second] = second(folder / f"{second.__name__}-{repeat}.log")
+        ours_times.append(times[ours])
+        raw_times.append(times[raw])
     for repeat in range(max(sizes.repeats, 3)):
         lines = len((folder / f"ours-{repeat}.log").read_text().splitlines())
         if lines != sizes.log_calls:
