@@ -427,3 +427,8 @@ def test_service_container_fixture_isolates_each_test(
     assert alerts_outbox == [("hello", "world")]
     assert str(tmp_path) in service_container.mlflow_service().tracking_uri
     assert "to the job log" in (tmp_path / "logs" / "job.log").read_text()
+
+
+def test_a_misspelt_environment_variable_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"RMT_LOGGER_LEVEL: not a setting \(expected RMT_"):
+        Container(profile=False, environ={"RMT_LOGGER_LEVEL": "INFO"})

@@ -227,13 +227,17 @@ def _env_layer(environ: T.Mapping[str, str]) -> _Layer:
         for name, field in MLFLOW_VARIABLES.items()
         if environ.get(name)
     ]
+    malformed: list[str] = []
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == PROFILE_VARIABLE:
             continue
         section, sep, field = name[len(ENV_PREFIX) :].lower().partition("__")
-        if not sep or not field:
-            continue  # not ours: RMT_SOMETHING without a section__field shape
+        if not sep or not section or not field:
+            malformed.append(f"{name}: not a setting (expected {ENV_PREFIX}<SECTION>__<FIELD>)")
+            continue
         found.append((section, field, name, raw))
+    if malformed:  # a misspelt variable is an error, never silently ignored
+        raise ConfigError(malformed)
     for section, field, name, raw in found:
         values.setdefault(section, {})[field] = parse_value(section, field, raw)
         sources[f"{section}.{field}"] = f"environment {name}"

@@ -160,6 +160,7 @@ def mlflow_globals_restored() -> T.Iterator[None]:
 
     Example:
         >>> import os
+        >>> _ = os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
         >>> with mlflow_globals_restored():
         ...     os.environ["MLFLOW_EXPERIMENT_ID"] = "7"
         >>> "MLFLOW_EXPERIMENT_ID" in os.environ

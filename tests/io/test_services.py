@@ -835,6 +835,26 @@ def test_start_sets_uris_and_creates_or_selects_the_experiment(
     assert run.info.experiment_id == created.experiment_id
 
 
+def test_stop_restores_the_environment_mlflow_wrote(
+    mlflow_service: MlflowService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given a parent environment with its own tracking URI and no experiment id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+
+    # when the service runs: MLflow writes the service's values into os.environ
+    with mlflow_service:
+        assert os.environ["MLFLOW_TRACKING_URI"] == mlflow_service.tracking_uri
+        assert "MLFLOW_EXPERIMENT_ID" in os.environ
+        assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
+
+    # then stop gives child processes and later containers the environment back
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:1"
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
+    assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
+
+
 @pytest.mark.parametrize("disable", [False, True], ids=["autolog-on", "autolog-off"])
 def test_start_configures_autolog(
     mlflow_service: MlflowService, store: T.Any, disable: bool

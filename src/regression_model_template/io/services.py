@@ -515,8 +515,8 @@ def _desktop_backend() -> tuple[T.Any, str | None]:
 
 # %% MLFLOW
 
-# mlflow.set_tracking_uri / set_registry_uri write these into os.environ.
-_MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+# mlflow.set_tracking_uri / set_registry_uri / set_experiment write these into os.environ.
+_MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
 # MLflow prints "View run ... at: <tracking URI>" at each end_run on a server, credentials
 # included (and fetches the run again to do so): silenced while the service runs.
 _MLFLOW_QUIET_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
