@@ -39,10 +39,10 @@ def evaluation(
     import mlflow
 
     name = mlflow_service.registry_name
-    reference = f"{config.model_version}" if config.model_version else f"@{config.model_alias}"
-    model_uri = (
-        f"models:/{name}/{reference}" if config.model_version else f"models:/{name}{reference}"
-    )
+    if config.model_version is not None:
+        model_uri = f"models:/{name}/{config.model_version}"
+    else:
+        model_uri = f"models:/{name}@{config.model_alias}"
     logger = logger_service.logger()
     _, x_test, _, y_test = load_split(config)
     run_config = MlflowService.RunConfig(name="evaluation", tags={"job": "evaluation"})
