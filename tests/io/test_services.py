@@ -568,6 +568,30 @@ def test_enabled_alerts_show_a_desktop_notification(
 
 
 @requires_notify_send_backend
+def test_a_desktop_that_cannot_show_the_alert_falls_back_to_the_console(
+    desktop_session: None,
+    bin_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    captured_logs: LogCapture,
+) -> None:
+    # given a display but no notification daemon: notify-send prints an error and exits 1,
+    # which plyer's own backend ignores (nothing shown, no error)
+    install_notify_send(bin_dir, "echo 'GDBus.Error: no notification daemon' >&2\nexit 1")
+    alerts = AlertsService(app_name="demo", timeout=3)
+
+    # when notified twice
+    with alerts:
+        alerts.notify("a", "1")
+        alerts.notify("b", "2")
+
+    # then both alerts reach the console, and one warning carries notify-send's reason
+    assert capsys.readouterr().out == "[demo] a: 1\n[demo] b: 2\n"
+    warnings = captured_logs.messages("WARNING")
+    assert len(warnings) == 1
+    assert "notify-send exited 1: GDBus.Error: no notification daemon" in warnings[0]
+
+
+@requires_notify_send_backend
 def test_headless_session_goes_to_the_console_without_calling_the_backend(
     headless: None,
     bin_dir: Path,

@@ -469,7 +469,10 @@ class AlertsService(Service):
 
         def call() -> None:
             try:
-                backend.notify(**kwargs)
+                if type(backend).__name__ == "NotifySendNotification":
+                    _notify_send(title, message, self.app_name, self.timeout)
+                else:
+                    backend.notify(**kwargs)
             except BaseException as exc:  # a backend may raise anything; never let it escape
                 errors.append(exc)
 
@@ -492,6 +495,25 @@ class AlertsService(Service):
             _logger.warning(
                 "Desktop notifications unavailable, alerts go to the console: {}", reason
             )
+
+
+def _notify_send(title: str, message: str, app_name: str, timeout: int | None) -> None:
+    """Run notify-send and check its exit code, which plyer's backend ignores.
+
+    Without a notification daemon, notify-send prints an error and exits 1: the alert was not
+    shown, and this raises so that it reaches the console instead.
+    """
+    import subprocess
+
+    command = ["notify-send", title, message, "-a", app_name]
+    if timeout is not None:
+        command += ["-t", str(timeout * 1000)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise RuntimeError(
+            f"notify-send exited {result.returncode}" + (f": {detail[0]}" if detail else "")
+        )
 
 
 def _desktop_backend() -> tuple[T.Any, str | None]:
