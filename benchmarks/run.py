@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,12 +22,13 @@ import tempfile
 import time
 import timeit
 import typing as T
-import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+from regression_model_template.testing import local_mlflow_server
 
 HERE = Path(__file__).resolve().parent
 Row = tuple[str, str, str, str, str]  # benchmark, measured, baseline, ratio, goal + verdict
@@ -57,52 +57,6 @@ def _timed(function: T.Callable[[], None]) -> float:
     start = time.perf_counter()
     function()
     return time.perf_counter() - start
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def mlflow_server(folder: Path) -> T.Iterator[str]:
-    """A local `mlflow server` on 127.0.0.1 (one worker, no job runner), stopped on exit."""
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    command = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "server",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{folder}/server.db",
-        "--artifacts-destination", str(folder / "artifacts"),
-    ]  # fmt: skip
-    log = (folder / "server.log").open("w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"mlflow server did not start: see {folder}/server.log"
-                    ) from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 def _count_values(client: T.Any, run_id: str) -> int:
@@ -451,7 +405,7 @@ def main(argv: T.Sequence[str] | None = None) -> int:
     try:
         rows += bench_metrics(f"sqlite:///{folder}/metrics.db", "sqlite", sizes)
         if not args.quick:
-            with mlflow_server(folder) as url:
+            with local_mlflow_server(folder) as url:
                 rows += bench_metrics(url, "http", sizes)
         rows += bench_injection(sizes)
         rows += bench_lifecycle(folder, sizes)

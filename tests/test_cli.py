@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,21 +14,17 @@ import pytest
 
 from regression_model_template import cli, jobs
 from regression_model_template.containers import SECTIONS
+from regression_model_template.testing import clean_environ, free_port
 
-# Settings a user's shell could hold that would leak into the commands under test, and the
-# variables that would send alerts to a desktop instead of the console.
-LEAKY_PREFIXES = ("RMT_", "MLFLOW_")
+# Variables that would send alerts to a desktop instead of the console.
 DESKTOP = ("DBUS_SESSION_BUS_ADDRESS", "DISPLAY", "WAYLAND_DISPLAY")
 SECRET_URI = "https://user:s3cret@mlflow.example.com"
 
 
 def _environ(**extra: str) -> dict[str, str]:
-    environ = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(LEAKY_PREFIXES) and name not in DESKTOP
-    }
-    environ.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", **extra)
+    environ = clean_environ(**extra)
+    for name in DESKTOP:
+        environ.pop(name, None)
     return environ
 
 
@@ -259,10 +253,7 @@ def test_check_reports_one_line_per_service(workdir: Path) -> None:
 
 
 def test_check_exits_1_when_the_tracking_server_does_not_answer(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://127.0.0.1:{free_port()}"
 
     result = _cli(
         tmp_path,

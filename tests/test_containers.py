@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
 import sys
 import threading
 import typing as T
@@ -29,15 +27,7 @@ from regression_model_template.io.services import (
     MlflowService,
     ServiceError,
 )
-
-
-@pytest.fixture
-def store(tmp_path: Path, _mlflow_template_store: Path) -> str:
-    """A SQLite tracking URI under tmp_path, with MLflow's schema already in place."""
-    path = tmp_path / "mlruns" / "mlflow.db"
-    path.parent.mkdir()
-    shutil.copyfile(_mlflow_template_store, path)
-    return f"sqlite:///{path}"
+from regression_model_template.testing import free_port
 
 
 @pytest.fixture
@@ -218,8 +208,8 @@ def test_a_section_that_is_not_a_mapping_is_reported() -> None:
 # %% lifecycles
 
 
-def test_lifespan_starts_in_order_and_stops_in_reverse(tmp_path: Path, store: str) -> None:
-    container = Container(config=_config(tmp_path, store), profile=False, environ={})
+def test_lifespan_starts_in_order_and_stops_in_reverse(tmp_path: Path, mlflow_store: str) -> None:
+    container = Container(config=_config(tmp_path, mlflow_store), profile=False, environ={})
     lines: list[str] = []
     handler_id = logger.add(lines.append, format="{message}")
     try:
@@ -241,14 +231,8 @@ def test_lifespan_starts_in_order_and_stops_in_reverse(tmp_path: Path, store: st
     ]
 
 
-def _dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_a_failed_start_stops_what_already_started(tmp_path: Path) -> None:
-    uri = f"http://admin:s3cret@127.0.0.1:{_dead_port()}"
+    uri = f"http://admin:s3cret@127.0.0.1:{free_port()}"
     config = _config(tmp_path, uri, mlflow={"connect_timeout": 1.0})
     container = Container(config=config, profile=False, environ={})
 
@@ -273,8 +257,8 @@ class _StopFails(AlertsService):
         raise RuntimeError("alerts could not stop")
 
 
-def test_every_stop_runs_when_one_raises(tmp_path: Path, store: str) -> None:
-    container = Container(config=_config(tmp_path, store), profile=False, environ={})
+def test_every_stop_runs_when_one_raises(tmp_path: Path, mlflow_store: str) -> None:
+    container = Container(config=_config(tmp_path, mlflow_store), profile=False, environ={})
     container.alerts_service.override(providers.Object(_StopFails(enable=False)))
 
     with (
@@ -290,8 +274,8 @@ def test_every_stop_runs_when_one_raises(tmp_path: Path, store: str) -> None:
     assert "after the stop" not in (tmp_path / "job.log").read_text()
 
 
-def test_init_and_shutdown_resources_work_like_lifespan(tmp_path: Path, store: str) -> None:
-    container = Container(config=_config(tmp_path, store), profile=False, environ={})
+def test_init_and_shutdown_resources_work_like_lifespan(tmp_path: Path, mlflow_store: str) -> None:
+    container = Container(config=_config(tmp_path, mlflow_store), profile=False, environ={})
 
     container.init_resources()
     logger.info("while running")
@@ -312,9 +296,9 @@ class _CountingAlerts(AlertsService):
 
 
 def test_entering_twice_or_from_threads_starts_each_service_once(
-    tmp_path: Path, store: str
+    tmp_path: Path, mlflow_store: str
 ) -> None:
-    container = Container(config=_config(tmp_path, store), profile=False, environ={})
+    container = Container(config=_config(tmp_path, mlflow_store), profile=False, environ={})
     alerts = _CountingAlerts(enable=False)
     container.alerts_service.override(providers.Object(alerts))
     barrier = threading.Barrier(8)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from regression_model_template.testing import clean_environ
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
@@ -25,13 +26,9 @@ def _blocks() -> dict[str, str]:
 
 
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("MLFLOW_", "RMT_")) and name not in ("DISPLAY", "WAYLAND_DISPLAY")
-    }
-    env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", PYTHONPATH=str(cwd))
-    env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+    env = clean_environ(PYTHONPATH=str(cwd))
+    for name in ("DBUS_SESSION_BUS_ADDRESS", "DISPLAY", "WAYLAND_DISPLAY"):
+        env.pop(name, None)  # alerts go to the console
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -9,6 +9,11 @@ Installed with the package (entry point ``pytest11``), so any project that depen
 - ``alerts_outbox``: the alerts sent during the test, in order, as ``Alert(title, message)``.
 - ``logger_caplog``: loguru records in pytest's ``caplog``.
 - ``service_container_packages``: override it to wire your own job packages.
+- ``mlflow_store``: the URI of a fresh SQLite tracking store under ``tmp_path``.
+
+Helpers: :func:`local_mlflow_server` (a real ``mlflow server`` on 127.0.0.1),
+:func:`clean_environ` (an environment for subprocesses without your shell's settings) and
+:func:`mlflow_globals_restored`.
 
 Example (a test in your project)::
 
@@ -23,10 +28,16 @@ Example (a test in your project)::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 import typing as T
+import urllib.request
 from pathlib import Path
 
 import pydantic
@@ -37,7 +48,13 @@ from loguru import logger
 from regression_model_template.containers import Container
 from regression_model_template.io.services import AlertsService
 
-__all__ = ["Alert", "RecordingAlertsService", "mlflow_globals_restored"]
+__all__ = [
+    "Alert",
+    "RecordingAlertsService",
+    "clean_environ",
+    "local_mlflow_server",
+    "mlflow_globals_restored",
+]
 
 
 class Alert(T.NamedTuple):
@@ -105,6 +122,15 @@ def _mlflow_template_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def mlflow_store(tmp_path: Path, _mlflow_template_store: Path) -> str:
+    """The URI of a fresh SQLite tracking store in ``tmp_path/mlruns`` (schema already built)."""
+    path = tmp_path / "mlruns" / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_mlflow_template_store, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
 def alerts_outbox() -> list[Alert]:
     """The alerts sent through ``service_container`` during the test, in order."""
     return []
@@ -122,18 +148,15 @@ def service_container_packages() -> list[str]:
 @pytest.fixture
 def service_container(
     tmp_path: Path,
-    _mlflow_template_store: Path,
+    mlflow_store: str,
     alerts_outbox: list[Alert],
     service_container_packages: list[str],
 ) -> T.Iterator[Container]:
     """A fresh, wired container isolated in ``tmp_path``; shut down and unwired afterwards."""
-    store = tmp_path / "mlruns" / "mlflow.db"
-    store.parent.mkdir(parents=True)
-    shutil.copyfile(_mlflow_template_store, store)
     container = Container(
         config={
             "logger": {"sink": str(tmp_path / "logs" / "job.log"), "colorize": False},
-            "mlflow": {"tracking_uri": f"sqlite:///{store}", "experiment_name": "tests"},
+            "mlflow": {"tracking_uri": mlflow_store, "experiment_name": "tests"},
         },
         profile=False,
         environ={},
@@ -193,3 +216,130 @@ def logger_caplog(caplog: pytest.LogCaptureFixture) -> T.Iterator[pytest.LogCapt
         yield caplog
     finally:
         logger.remove(handler_id)
+
+
+# %% helpers for tests that run subprocesses or a real tracking server
+
+#: Environment prefixes of settings that would leak from a user's shell into a test.
+LEAKY_PREFIXES = ("MLFLOW_", "RMT_")
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    """Return this process's environment without MLflow's or this package's settings, plus extra.
+
+    Telemetry is always off. In-process MLflow use writes ``MLFLOW_TRACKING_URI`` and
+    ``MLFLOW_EXPERIMENT_ID`` into ``os.environ``: a subprocess gets only what a test gives it.
+
+    Example:
+        >>> environ = clean_environ(RMT_LOGGER__LEVEL="INFO")
+        >>> environ["RMT_LOGGER__LEVEL"], environ["MLFLOW_DISABLE_TELEMETRY"]
+        ('INFO', 'true')
+    """
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(LEAKY_PREFIXES)}
+    environ.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    environ.update(extra)
+    return environ
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on ``host`` that nothing listens on (right now).
+
+    Example:
+        >>> 0 < free_port() < 65536
+        True
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def local_mlflow_server(root: Path, startup_timeout: float = 60.0) -> T.Iterator[str]:
+    """Run a real ``mlflow server`` on 127.0.0.1 for the block; yield its URL.
+
+    SQLite store and proxied artifacts under ``root``, one worker and no background job runner
+    (ready in ~10 s instead of 20-26 s, see FIELD-NOTES.md). The server and every process it
+    started are stopped on exit (SIGTERM to its process group, then SIGKILL); on Linux it also
+    gets SIGTERM if this process dies first.
+
+    Raises:
+        RuntimeError: the server exited or did not answer ``/health`` within
+            ``startup_timeout`` seconds; the message ends with its output.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = root / "server.log"
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--workers", "1",
+    ]  # fmt: skip
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            command,
+            cwd=root,
+            env=clean_environ(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped as a whole
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        try:
+            _wait_for_health(process, url, log, startup_timeout)
+            yield url
+        finally:
+            _stop_group(process)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: receive SIGTERM when the parent dies (prctl PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def _wait_for_health(process: subprocess.Popen[bytes], url: str, log: Path, timeout: float) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+    deadline = time.monotonic() + timeout
+    while True:
+        code = process.poll()
+        if code is not None:  # note: a taken port makes mlflow server exit with code 0
+            raise RuntimeError(f"mlflow server exited ({code}) before answering; " + _tail(log))
+        # refused or reset connections: not up yet
+        with contextlib.suppress(OSError), opener.open(f"{url}/health", timeout=2) as response:
+            if response.status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"mlflow server gave no /health within {timeout:g} s; " + _tail(log))
+        time.sleep(0.2)
+
+
+def _tail(log: Path, limit: int = 6000) -> str:
+    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    return "its output:\n" + text[-limit:]
+
+
+def _stop_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """Stop the process group led by ``process``: SIGTERM, wait, then SIGKILL what is left."""
+    group = process.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        process.wait(grace)
+    deadline = time.monotonic() + grace  # workers may outlive the leader for a moment
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)

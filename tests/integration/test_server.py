@@ -20,8 +20,7 @@ import pytest
 
 from regression_model_template import jobs
 from regression_model_template.containers import Container
-from regression_model_template.testing import mlflow_globals_restored
-from tests.integration.conftest import clean_environ
+from regression_model_template.testing import clean_environ, mlflow_globals_restored
 
 if T.TYPE_CHECKING:
     from mlflow.tracking import MlflowClient

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,16 +22,12 @@ RunConfig = MlflowService.RunConfig
 
 
 @pytest.fixture
-def uri(tmp_path: Path, _mlflow_template_store: Path) -> str:
-    path = tmp_path / "mlflow.db"
-    shutil.copyfile(_mlflow_template_store, path)
-    return f"sqlite:///{path}"
-
-
-@pytest.fixture
-def service(uri: str) -> T.Iterator[MlflowService]:
+def service(mlflow_store: str) -> T.Iterator[MlflowService]:
     service = MlflowService(
-        tracking_uri=uri, experiment_name="batching", autolog_disable=True, flush_interval=0.2
+        tracking_uri=mlflow_store,
+        experiment_name="batching",
+        autolog_disable=True,
+        flush_interval=0.2,
     )
     with service:
         yield service
@@ -97,16 +92,16 @@ def test_a_run_ended_by_an_exception_keeps_every_value(
     assert _status(client, run.info.run_id) == status
 
 
-def test_logging_outside_a_run_or_a_started_service_is_an_error(uri: str) -> None:
-    service = MlflowService(tracking_uri=uri, autolog_disable=True)
+def test_logging_outside_a_run_or_a_started_service_is_an_error(mlflow_store: str) -> None:
+    service = MlflowService(tracking_uri=mlflow_store, autolog_disable=True)
     with pytest.raises(ServiceError, match="not started"):
         service.log_metrics({"loss": 1.0})
     with service, pytest.raises(ServiceError, match="no active run"):
         service.log_metrics({"loss": 1.0})
 
 
-def test_stop_writes_what_is_buffered(uri: str) -> None:
-    service = MlflowService(tracking_uri=uri, autolog_disable=True, flush_interval=60)
+def test_stop_writes_what_is_buffered(mlflow_store: str) -> None:
+    service = MlflowService(tracking_uri=mlflow_store, autolog_disable=True, flush_interval=60)
     client = service.client()
     run_id = client.create_run(client.create_experiment("stop")).info.run_id
     service.start()
@@ -119,8 +114,8 @@ def test_stop_writes_what_is_buffered(uri: str) -> None:
     assert _history(client, run_id, "loss") == [(0, 1.0)]
 
 
-def test_memory_stays_bounded_the_caller_waits(uri: str) -> None:
-    client = MlflowClient(uri)
+def test_memory_stays_bounded_the_caller_waits(mlflow_store: str) -> None:
+    client = MlflowClient(mlflow_store)
     run_id = client.create_run(client.create_experiment("bounded")).info.run_id
     writer = BatchWriter(client, max_pending=1000, interval=10)
     most = 0
@@ -133,8 +128,8 @@ def test_memory_stays_bounded_the_caller_waits(uri: str) -> None:
     assert len(client.get_metric_history(run_id, "e")) == 1500
 
 
-def test_a_failing_write_is_retried_then_reported(uri: str) -> None:
-    client = MlflowClient(uri)
+def test_a_failing_write_is_retried_then_reported(mlflow_store: str) -> None:
+    client = MlflowClient(mlflow_store)
     writer = BatchWriter(client, retries=2, backoff=0.01)
 
     writer.log_metrics("no-such-run", {"loss": 1.0})
@@ -144,8 +139,8 @@ def test_a_failing_write_is_retried_then_reported(uri: str) -> None:
         writer.log_metrics("no-such-run", {"loss": 2.0})
 
 
-def test_a_transient_failure_is_retried_and_nothing_is_lost(uri: str) -> None:
-    client = MlflowClient(uri)
+def test_a_transient_failure_is_retried_and_nothing_is_lost(mlflow_store: str) -> None:
+    client = MlflowClient(mlflow_store)
     run_id = client.create_run(client.create_experiment("transient")).info.run_id
     client.delete_run(run_id)  # writes to a deleted run fail ...
     writer = BatchWriter(client, retries=3, backoff=2.0)
@@ -161,8 +156,8 @@ def test_a_transient_failure_is_retried_and_nothing_is_lost(uri: str) -> None:
     assert _history(client, run_id, "loss") == [(0, 1.0)]
 
 
-def test_a_write_failure_inside_run_context_fails_the_run(uri: str) -> None:
-    service = MlflowService(tracking_uri=uri, autolog_disable=True, write_retries=1)
+def test_a_write_failure_inside_run_context_fails_the_run(mlflow_store: str) -> None:
+    service = MlflowService(tracking_uri=mlflow_store, autolog_disable=True, write_retries=1)
     with (
         service,
         pytest.raises(ServiceError, match=r"2 values could not be written .* after 2 attempts"),
@@ -202,10 +197,10 @@ def _only_run(uri: str) -> tuple[MlflowClient, str]:
     return client, runs[0].info.run_id
 
 
-def test_sigterm_flushes_and_ends_the_run_killed(tmp_path: Path, uri: str) -> None:
+def test_sigterm_flushes_and_ends_the_run_killed(tmp_path: Path, mlflow_store: str) -> None:
     result = _child(
         tmp_path,
-        uri,
+        mlflow_store,
         """
         with service.run_context(MlflowService.RunConfig(name="term")):
             for step in range(2000):
@@ -216,15 +211,15 @@ def test_sigterm_flushes_and_ends_the_run_killed(tmp_path: Path, uri: str) -> No
     )
 
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
-    client, run_id = _only_run(uri)
+    client, run_id = _only_run(mlflow_store)
     assert len(client.get_metric_history(run_id, "loss")) == 2000
     assert _status(client, run_id) == "KILLED"
 
 
-def test_normal_interpreter_exit_writes_what_is_buffered(tmp_path: Path, uri: str) -> None:
+def test_normal_interpreter_exit_writes_what_is_buffered(tmp_path: Path, mlflow_store: str) -> None:
     result = _child(
         tmp_path,
-        uri,
+        mlflow_store,
         """
         mlflow.start_run()  # never ended, and the service is never stopped
         for step in range(2000):
@@ -233,6 +228,6 @@ def test_normal_interpreter_exit_writes_what_is_buffered(tmp_path: Path, uri: st
     )
 
     assert result.returncode == 0, result.stderr
-    client, run_id = _only_run(uri)
+    client, run_id = _only_run(mlflow_store)
     assert len(client.get_metric_history(run_id, "loss")) == 2000
     assert "cannot schedule new futures" not in result.stderr
