@@ -174,9 +174,9 @@ def _report(result: T.Any, container: Container) -> None:
 
 def _check(container: Container) -> int:
     """Start each service on its own and report; exit 1 when one cannot work."""
-    from regression_model_template.io.services import ServiceError
+    from regression_model_template.io.services import Service, ServiceError
 
-    checks = [
+    checks: list[tuple[str, T.Callable[[], Service], T.Callable[[T.Any], str]]] = [
         ("logger", container.logger_service, _check_logger),
         ("alerts", container.alerts_service, _check_alerts),
         ("mlflow", container.mlflow_service, _check_mlflow),

@@ -105,7 +105,7 @@ def test_stop_writes_what_is_buffered(mlflow_store: str) -> None:
     client = service.client()
     run_id = client.create_run(client.create_experiment("stop")).info.run_id
     service.start()
-    writer = service._buffer()
+    writer = service._started().writer
     writer.log_metrics(run_id, {"loss": 1.0}, step=0)
     assert writer.pending == 1  # the interval is long: still buffered
 

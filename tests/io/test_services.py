@@ -208,7 +208,7 @@ def test_defaults_match_the_spec() -> None:
     assert LoggerService().model_dump(exclude={"format", "intercept_stdlib"}) == {
         "sink": "stderr",
         "level": "DEBUG",
-        "colorize": True,
+        "colorize": None,  # colour only on a terminal
         "serialize": False,
         "backtrace": True,
         "diagnose": False,
@@ -493,12 +493,25 @@ def test_tracebacks_do_not_show_local_values_by_default(
 # %% AlertsService
 
 
+def forget_plyer_backend() -> None:
+    """plyer picks its backend once per process, from PATH at that moment (the machine's).
+
+    Each test here builds another machine (its own PATH), so the choice is forgotten around it.
+    """
+    import plyer
+
+    object.__setattr__(plyer.notification, "_obj", None)
+
+
 @pytest.fixture
-def desktop_session(monkeypatch: pytest.MonkeyPatch) -> None:
+def desktop_session(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A session with a display (as on a workstation)."""
     for name in DESKTOP_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DISPLAY", ":0")
+    forget_plyer_backend()
+    yield
+    forget_plyer_backend()
 
 
 @pytest.fixture
@@ -568,6 +581,11 @@ def test_enabled_alerts_show_a_desktop_notification(
 
 
 @requires_notify_send_backend
+@pytest.mark.xfail(
+    strict=True,
+    reason="plyer's public facade ignores notify-send's exit code; alerts go through the facade "
+    "(issue 8, sharp edge 7), so a display without a notification daemon counts as shown",
+)
 def test_a_desktop_that_cannot_show_the_alert_falls_back_to_the_console(
     desktop_session: None,
     bin_dir: Path,
@@ -589,6 +607,51 @@ def test_a_desktop_that_cannot_show_the_alert_falls_back_to_the_console(
     warnings = captured_logs.messages("WARNING")
     assert len(warnings) == 1
     assert "notify-send exited 1: GDBus.Error: no notification daemon" in warnings[0]
+
+
+def test_with_a_desktop_alerts_go_through_plyers_public_facade(
+    desktop_session: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # given a desktop session and, as in the template's own tests that users copy, plyer's
+    # public notify replaced by a recorder
+    import plyer
+
+    calls: list[dict[str, T.Any]] = []
+    # (set on plyer's backend object, which desktop_session forgets after the test)
+    plyer.notification.notify = lambda **kwargs: calls.append(kwargs)
+    alerts = AlertsService(app_name="demo", timeout=5)
+
+    # when started and notified
+    with alerts:
+        alerts.notify("Training", "done")
+
+    # then plyer.notification.notify received the alert once, and the console nothing
+    assert calls == [{"title": "Training", "message": "done", "app_name": "demo", "timeout": 5}]
+    assert capsys.readouterr().out == ""
+
+
+def test_a_raising_facade_falls_back_to_the_console(
+    desktop_session: None,
+    capsys: pytest.CaptureFixture[str],
+    captured_logs: LogCapture,
+) -> None:
+    # given a desktop whose plyer facade raises (another OS, another plyer version)
+    import plyer
+
+    def broken(**kwargs: T.Any) -> None:
+        raise OSError("backend exploded")
+
+    plyer.notification.notify = broken  # forgotten with the backend after the test
+    alerts = AlertsService(app_name="demo")
+
+    # when notified
+    with alerts:
+        alerts.notify("Training", "done")
+
+    # then the alert is a console line and the warning gives the cause
+    assert capsys.readouterr().out == "[demo] Training: done\n"
+    [warning] = captured_logs.messages("WARNING")
+    assert "OSError: backend exploded" in warning
 
 
 @requires_notify_send_backend

@@ -13,10 +13,8 @@ from __future__ import annotations
 import importlib
 import typing as T
 
-import pydantic
-
-if T.TYPE_CHECKING:
-    from regression_model_template.containers import Container
+from regression_model_template.config import JobsConfig
+from regression_model_template.containers import Container, lifespan
 
 __all__ = ["JOBS", "JobsConfig", "run"]
 
@@ -25,30 +23,6 @@ JOBS: dict[str, str] = {
     "training": "regression_model_template.jobs.training:training",
     "evaluation": "regression_model_template.jobs.evaluation:evaluation",
 }
-
-
-class JobsConfig(pydantic.BaseModel):
-    """Settings of the bundled jobs: the configuration section ``jobs``.
-
-    Attributes:
-        test_size: share of the dataset held out for testing (same split for both jobs).
-        random_state: seed of the train/test split.
-        alpha: L2 regularisation strength of the ridge regression.
-        model_alias: registry alias that ``training`` moves and ``evaluation`` loads.
-        model_version: a registered version for ``evaluation`` to load instead of the alias.
-
-    Example:
-        >>> JobsConfig(alpha=0.5).alpha
-        0.5
-    """
-
-    model_config = pydantic.ConfigDict(strict=True, frozen=True, extra="forbid")
-
-    test_size: float = pydantic.Field(default=0.2, gt=0, lt=1)
-    random_state: int = 42
-    alpha: float = pydantic.Field(default=1.0, ge=0)
-    model_alias: str = "champion"
-    model_version: int | None = pydantic.Field(default=None, ge=1)
 
 
 def run(name: str, container: Container) -> T.Any:
@@ -69,8 +43,6 @@ def run(name: str, container: Container) -> T.Any:
     """
     if name not in JOBS:
         raise KeyError(f"unknown job {name!r} (known: {', '.join(JOBS)})")
-    from regression_model_template.containers import lifespan
-
     module, function = JOBS[name].split(":")
     job = getattr(importlib.import_module(module), function)
     with lifespan(container):

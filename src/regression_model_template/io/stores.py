@@ -1,0 +1,152 @@
+"""Tracking and registry stores: their URIs, local folders, reachability and MLflow's globals.
+
+MlflowService checks every URI here before MLflow sees it: a malformed URI (an unclosed IPv6
+bracket, a port that is not a number) is a :class:`ServiceError` naming the setting, never a
+bare ``ValueError`` from deep inside a dependency, and never a message carrying credentials.
+
+Example:
+    >>> check_uri("tracking_uri", "http://[::1")
+    Traceback (most recent call last):
+    ...
+    regression_model_template.io.errors.ServiceError: MlflowService.tracking_uri: malformed URI 'http://[::1': Invalid IPv6 URL
+    >>> sqlite_path("sqlite:///mlruns/mlflow.db")
+    PosixPath('mlruns/mlflow.db')
+"""  # noqa: E501
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import typing as T
+import urllib.parse
+from pathlib import Path
+
+from regression_model_template.io.errors import ServiceError
+from regression_model_template.io.masking import RedactedError, mask_uri, redact, uri_secrets
+
+if T.TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+__all__ = [
+    "MLFLOW_GLOBALS",
+    "check_uri",
+    "create_experiment_beside_store",
+    "ensure_folders",
+    "mlflow_environ",
+    "not_blank",
+    "probe_server",
+    "sqlite_path",
+]
+
+SERVICE = "MlflowService"
+
+# mlflow.set_tracking_uri / set_registry_uri / set_experiment write these into os.environ.
+MLFLOW_GLOBALS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+# MLflow prints "View run ... at: <tracking URI>" at each end_run on a server, credentials
+# included (and fetches the run again to do so): silenced while the service runs.
+QUIET_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+
+
+def not_blank(uri: T.Any) -> T.Any:
+    """Reject an empty or blank URI setting (pydantic validator)."""
+    if isinstance(uri, str) and not uri.strip():
+        raise ValueError("empty URI")
+    return uri
+
+
+def check_uri(setting: str, uri: str) -> urllib.parse.SplitResult:
+    """Parse a store URI; raise ServiceError naming ``setting`` when it is malformed.
+
+    Example:
+        >>> check_uri("registry_uri", "https://u:pw@host:80/").port
+        80
+    """
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        _ = parts.port, parts.hostname  # each raises ValueError when malformed
+    except ValueError as exc:
+        cause = redact(str(exc), uri_secrets(uri))
+        raise ServiceError(SERVICE, setting, f"malformed URI {mask_uri(uri)!r}: {cause}") from None
+    return parts
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """Return the database file of a ``sqlite:///`` URI (relative to the working directory)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    path = uri[len(prefix) :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def ensure_folders(uris: T.Mapping[str, str]) -> None:
+    """Create the folder of each SQLite database among ``{setting: uri}``."""
+    for setting, uri in uris.items():
+        path = sqlite_path(uri)
+        if path is None:
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ServiceError(
+                SERVICE, setting, f"cannot create the folder of {mask_uri(uri)!r}: {exc}"
+            ) from exc
+
+
+def probe_server(uri: str, timeout: float) -> None:
+    """Fail within ``timeout`` seconds when an HTTP tracking server does not answer.
+
+    MLflow's own retries would take minutes. Any HTTP answer (even 401 or 404) will do.
+    """
+    parts = check_uri("tracking_uri", uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    import requests
+
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", "", ""))
+    auth = (parts.username, parts.password or "") if parts.username else None
+    try:
+        requests.get(url, auth=auth, timeout=timeout, allow_redirects=False)
+    except requests.RequestException as exc:
+        cause = redact(f"{type(exc).__name__}: {exc}", uri_secrets(uri))
+        raise ServiceError(
+            SERVICE,
+            "tracking_uri",
+            f"no answer from the tracking server {mask_uri(uri)} within {timeout:g} s "
+            f"(mlflow.connect_timeout): {cause}",
+        ) from RedactedError(cause)
+
+
+def create_experiment_beside_store(client: MlflowClient, uri: str, name: str) -> None:
+    """Create experiment ``name`` in a SQLite store with its artifacts beside the database.
+
+    MLflow would otherwise put them in ``./mlruns`` of whatever the working directory is.
+    Other stores, and experiments that exist, are left as they are.
+    """
+    path = sqlite_path(uri)
+    if path is None or client.get_experiment_by_name(name) is not None:
+        return
+    folder = path.parent.resolve() / "artifacts" / re.sub(r"[^\w.-]", "_", name)
+    client.create_experiment(name, artifact_location=folder.as_uri())
+
+
+@contextlib.contextmanager
+def mlflow_environ() -> T.Iterator[None]:
+    """Quiet MLflow's credential-bearing run links; restore what MLflow wrote into the environment.
+
+    ``mlflow.set_tracking_uri`` and friends write :data:`MLFLOW_GLOBALS` into ``os.environ``,
+    where child processes would inherit them.
+    """
+    saved = {name: os.environ.get(name) for name in (*MLFLOW_GLOBALS, QUIET_LINKS)}
+    os.environ[QUIET_LINKS] = "true"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -1,0 +1,218 @@
+"""A started MlflowService: MLflow pointed at its stores, the metric writer, the open runs.
+
+:class:`TrackingSession` is what ``MlflowService.start()`` opens and ``stop()`` closes. It
+also decides how each run ends (:func:`end_status`) and what SIGTERM does.
+
+A job killed by SIGTERM (``kill``, a scheduler, a container stop) would die on the spot with
+its run RUNNING and its buffered values lost. While an MlflowService runs, SIGTERM instead
+raises :class:`Terminated` in the main thread: the stack unwinds, the run ends KILLED, the
+services stop, and the process still exits with code 143.
+
+Example:
+    >>> end_status(None), end_status(ValueError()), end_status(KeyboardInterrupt())
+    ('FINISHED', 'FAILED', 'KILLED')
+    >>> end_status(SystemExit(0)), end_status(SystemExit(2)), end_status(Terminated())
+    ('FINISHED', 'FAILED', 'KILLED')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import types
+import typing as T
+
+from loguru import logger
+
+from regression_model_template.io import stores
+from regression_model_template.io.errors import ServiceError
+
+if T.TYPE_CHECKING:
+    from mlflow import ActiveRun
+
+    from regression_model_template.io.batching import BatchWriter
+
+Errors = T.Callable[[str, str], contextlib.AbstractContextManager[None]]
+
+__all__ = ["Terminated", "TrackingSession", "end_status", "sigterm_unwinds"]
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM while an MlflowService runs (exit code 143).
+
+    Example:
+        >>> Terminated().code
+        143
+    """
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def end_status(error: BaseException | None) -> str:
+    """Return the status of a run whose block ended with ``error`` (None: it returned)."""
+    if error is None:
+        return "FINISHED"
+    if isinstance(error, KeyboardInterrupt | Terminated):
+        return "KILLED"
+    if isinstance(error, SystemExit):
+        return "FINISHED" if error.code in (0, None) else "FAILED"
+    return "FAILED"
+
+
+def _terminate(signum: int, frame: types.FrameType | None) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> T.Iterator[None]:
+    """Make SIGTERM raise :class:`Terminated` inside the block.
+
+    Only from the main thread, and only over the default handler: a handler the application
+    installed itself is left alone.
+    """
+    install = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
+    if install:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        if install and signal.getsignal(signal.SIGTERM) is _terminate:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class TrackingSession:
+    """What a started MlflowService holds: its metric writer and the runs it has open.
+
+    Opened by ``MlflowService.start()`` (:meth:`open`) and closed by ``stop()``. Closing writes
+    what is still buffered, ends the runs left open KILLED, and gives back what the session
+    changed in the process: the SIGTERM handler and the environment variables MLflow writes.
+    """
+
+    def __init__(
+        self, writer: BatchWriter, errors: Errors, restore: contextlib.ExitStack, store: str
+    ) -> None:
+        self.writer = writer
+        self._errors = errors
+        self._restore = restore
+        self._store = store
+        self._open: list[str] = []
+
+    @classmethod
+    def open(
+        cls,
+        tracking_uri: str,
+        registry_uri: str,
+        *,
+        experiment_name: str,
+        autolog: T.Mapping[str, T.Any],
+        writer: T.Mapping[str, T.Any],
+        errors: Errors,
+        store: str,
+    ) -> TrackingSession:
+        """Point MLflow's globals at the stores, select the experiment, set autolog.
+
+        Args:
+            tracking_uri: the tracking store.
+            registry_uri: the model registry.
+            experiment_name: created (beside a SQLite store) or selected.
+            autolog: ``mlflow.autolog``'s arguments.
+            writer: the :class:`BatchWriter`'s options.
+            errors: turns a dependency's exception into a ServiceError (setting, what).
+            store: the tracking store, credentials masked, for messages.
+
+        Raises:
+            ServiceError: MLflow refused a store or the autolog settings; nothing is left
+                changed in the process.
+        """
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        with contextlib.ExitStack() as restore:  # undone now if opening fails, else by close()
+            restore.enter_context(stores.mlflow_environ())
+            restore.enter_context(sigterm_unwinds())
+            with errors("tracking_uri", f"cannot use the tracking store {store}"):
+                client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+                mlflow.set_tracking_uri(tracking_uri)
+                mlflow.set_registry_uri(registry_uri)
+                stores.create_experiment_beside_store(client, tracking_uri, experiment_name)
+                mlflow.set_experiment(experiment_name)
+            with errors("autolog_disable", "cannot configure autolog"):
+                mlflow.autolog(**autolog)
+            # Imported after mlflow: its exit hook then flushes before MLflow ends runs.
+            from regression_model_template.io.batching import BatchWriter
+
+            return cls(BatchWriter(client, **writer), errors, restore.pop_all(), store)
+
+    @contextlib.contextmanager
+    def run(self, **start_run: T.Any) -> T.Iterator[ActiveRun]:
+        """``mlflow.start_run(**start_run)``, nested when a run is active; end it by its outcome."""
+        import mlflow
+
+        with self._errors("tracking_uri", f"cannot start a run on {self._store}"):
+            run = mlflow.start_run(nested=mlflow.active_run() is not None, **start_run)
+        self._open.append(run.info.run_id)
+        try:
+            yield run
+        except BaseException as error:
+            self._finish(run.info.run_id, end_status(error), error)
+            raise
+        self._finish(run.info.run_id, "FINISHED", None)
+
+    def active_run_id(self) -> str:
+        """The run values go to: the calling thread's active run, else the newest open one."""
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None:
+            return str(active.info.run_id)
+        if self._open:  # another thread's run: MLflow's active run is per thread
+            return self._open[-1]
+        raise ServiceError("MlflowService", "run", "no active run: log inside run_context()")
+
+    def close(self) -> None:
+        """Write buffered values, end runs left open KILLED, restore the process's state.
+
+        Raises:
+            ServiceError: buffered values could not be written (after every retry).
+        """
+        try:
+            self.writer.close()
+        finally:
+            try:
+                while self._open:
+                    run_id = self._open.pop()
+                    if self._end(run_id, "KILLED"):
+                        logger.warning("Ended run {} left open at stop: KILLED", run_id)
+            finally:
+                self._restore.close()
+
+    def _finish(self, run_id: str, status: str, error: BaseException | None) -> None:
+        """Write the run's buffered values, then end it; a failed write makes it FAILED."""
+        if run_id not in self._open:
+            return  # close() inside the block already ended it
+        self._open.remove(run_id)
+        try:
+            self.writer.flush()
+        except ServiceError as write_error:
+            self._end(run_id, "FAILED" if status == "FINISHED" else status)
+            if error is None:
+                raise
+            error.add_note(str(write_error))
+            return
+        self._end(run_id, status)
+
+    def _end(self, run_id: str, status: str) -> bool:
+        """End ``run_id`` if it is the active run; return whether it was."""
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != run_id:
+            return False  # already ended by the block itself
+        with self._errors("tracking_uri", f"cannot end run {run_id} as {status}"):
+            mlflow.end_run(status)
+        return True
