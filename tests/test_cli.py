@@ -70,6 +70,15 @@ def test_help_exits_0_and_names_the_commands(tmp_path: Path) -> None:
     assert "--set SECTION.FIELD=VALUE" in run_help.stdout
 
 
+def test_version_prints_the_installed_version(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    result = _cli(tmp_path, "--version")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"regression-model-template {version('regression-model-template')}\n"
+
+
 def test_help_imports_neither_mlflow_nor_sklearn(tmp_path: Path) -> None:
     code = textwrap.dedent(
         """
@@ -130,6 +139,13 @@ def test_run_training_on_the_embedded_default(workdir: Path) -> None:
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
     assert artifacts.is_relative_to(workdir / "mlruns")
     assert "predicted_vs_actual.png" in {p.name for p in artifacts.iterdir()}
+
+
+def test_logs_written_into_a_pipe_carry_no_colour_codes(workdir: Path) -> None:
+    # `make run 2>&1 | tee run.log`: the local profile's logs go to stderr, here a pipe
+    stderr = (workdir / "training.stderr").read_text()
+    assert "| INFO     |" in stderr
+    assert "\x1b[" not in stderr
 
 
 def test_run_evaluation_after_training(workdir: Path) -> None:

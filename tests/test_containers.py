@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import sys
 import threading
 import typing as T
@@ -390,6 +392,55 @@ def test_wired_jobs_receive_the_services_and_explicit_arguments_win(
 def test_an_unwired_job_fails_with_a_clear_message() -> None:
     with pytest.raises(UnwiredError, match=r"_job\(\) needs 'alerts', provided by a container"):
         _job("title")
+
+
+@inject
+async def _async_job(alerts: AlertsService = Provide[Container.alerts_service]) -> str:
+    return alerts.app_name
+
+
+@inject
+def _generator_job(alerts: AlertsService = Provide[Container.alerts_service]) -> T.Iterator[str]:
+    yield alerts.app_name
+
+
+@inject
+async def _async_generator_job(
+    alerts: AlertsService = Provide[Container.alerts_service],
+) -> T.AsyncIterator[str]:
+    yield alerts.app_name
+
+
+def test_inject_keeps_the_kind_of_function() -> None:
+    # frameworks (FastAPI, pytest-asyncio) look at a function before they call it
+    assert inspect.iscoroutinefunction(_async_job)
+    assert inspect.isasyncgenfunction(_async_generator_job)
+    # dependency-injector's own @inject turns a generator function into a plain function that
+    # returns the generator; ours is no worse (it still returns one)
+    assert inspect.isgenerator(_generator_job(alerts=AlertsService(enable=False)))
+
+
+def test_async_and_generator_jobs_receive_services_or_say_they_are_unwired() -> None:
+    async def collect(agen: T.AsyncIterator[str]) -> list[str]:
+        return [item async for item in agen]
+
+    # unwired: the same clear error, when the job runs
+    with pytest.raises(UnwiredError, match=r"_async_job\(\) needs 'alerts'"):
+        asyncio.run(_async_job())
+    with pytest.raises(UnwiredError, match=r"_generator_job\(\) needs 'alerts'"):
+        _generator_job()
+    with pytest.raises(UnwiredError, match=r"_async_generator_job\(\) needs 'alerts'"):
+        asyncio.run(collect(_async_generator_job()))
+
+    # wired: each kind receives the container's service
+    container = Container(config={"alerts": {"app_name": "wired"}}, profile=False, environ={})
+    container.wire(modules=[__name__])
+    try:
+        assert asyncio.run(_async_job()) == "wired"
+        assert list(_generator_job()) == ["wired"]
+        assert asyncio.run(collect(_async_generator_job())) == ["wired"]
+    finally:
+        container.unwire()
 
 
 def test_override_and_unoverride_a_provider() -> None:

@@ -31,12 +31,26 @@ class UsageError(Exception):
     """Bad command-line input or configuration: exit code 2."""
 
 
+class _PrintVersion(argparse.Action):
+    """``--version``: the installed distribution's version (read only when asked: ~25 ms)."""
+
+    def __init__(self, option_strings: T.Sequence[str], dest: str, **kwargs: T.Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: T.Any, **kwargs: T.Any) -> None:
+        from importlib.metadata import version
+
+        print(f"{PROG} {version('regression-model-template')}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Run ML jobs with a logger, alerts and MLflow tracking.",
         epilog="Exit codes: 0 success, 1 a job or check failed, 2 bad input or configuration.",
     )
+    parser.add_argument("--version", action=_PrintVersion)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     settings = argparse.ArgumentParser(add_help=False)

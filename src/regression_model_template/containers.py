@@ -302,8 +302,10 @@ def inject(fn: F) -> F:
                     f"(container.wire(modules=[{fn.__module__!r}])), or pass {name}=... yourself"
                 )
 
-    # One wrapper per kind of function, so that the job keeps its kind: a framework that
-    # inspects it first (FastAPI, pytest-asyncio) must still see a coroutine or a generator.
+    # One wrapper per kind of function that dependency-injector keeps, so that a framework
+    # inspecting the job first (FastAPI, pytest-asyncio) still sees a coroutine function or an
+    # async generator function. (A plain generator function is wrapped by dependency-injector
+    # itself into a function returning the generator: it works, but is no longer one.)
     checked: T.Callable[..., T.Any]
     if inspect.iscoroutinefunction(fn):
 
@@ -319,13 +321,6 @@ def inject(fn: F) -> F:
                 check(args, kwargs)
             async for item in fn(*args, **kwargs):
                 yield item
-
-    elif inspect.isgeneratorfunction(fn):
-
-        def checked(*args: T.Any, **kwargs: T.Any) -> T.Any:
-            if not injected <= kwargs.keys():
-                check(args, kwargs)
-            return (yield from fn(*args, **kwargs))
 
     else:
 

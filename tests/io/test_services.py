@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import importlib.util
+import io
 import logging
 import os
 import re
@@ -251,6 +252,46 @@ def test_default_format_shows_timestamp_level_and_source(
         + r" - model trained"
     )
     assert re.fullmatch(pattern, read(log_file).strip()), read(log_file)
+
+
+class _Stream(io.StringIO):
+    def __init__(self, terminal: bool) -> None:
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+
+@pytest.mark.parametrize(
+    ("colorize", "terminal", "coloured"),
+    [
+        (None, False, False),  # a pipe, a file, a CI log: plain text
+        (None, True, True),  # a terminal: colours
+        (True, False, True),  # forced on
+        (False, True, False),  # forced off
+    ],
+)
+def test_colours_follow_the_terminal_unless_forced(
+    make_logger: Callable[..., LoggerService],
+    monkeypatch: pytest.MonkeyPatch,
+    colorize: bool | None,
+    terminal: bool,
+    coloured: bool,
+) -> None:
+    # given stdout that is (or is not) a terminal, and a logger with the default format
+    stream = _Stream(terminal)
+    monkeypatch.setattr(sys, "stdout", stream)
+    settings = {} if colorize is None else {"colorize": colorize}
+    service = make_logger(sink="stdout", **settings)
+
+    # when it logs a line
+    with service:
+        service.logger().info("hello")
+
+    # then escape codes are written exactly when colours are wanted
+    assert "hello" in stream.getvalue()
+    assert ("\x1b[" in stream.getvalue()) is coloured
 
 
 def test_logger_returns_the_loguru_logger() -> None:

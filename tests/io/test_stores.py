@@ -1,0 +1,90 @@
+"""Store URIs: every malformed one is a ServiceError naming the setting, never a secret."""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from regression_model_template.io.masking import mask_uri, uri_secrets
+from regression_model_template.io.services import MlflowService, ServiceError
+from regression_model_template.io.stores import check_uri
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+SECRET = "s3cretPW"
+
+# URIs assembled from the pieces that break parsers: brackets, colons, ports, '@', '%'.
+_piece = st.sampled_from(["[", "]", ":", "::1", "@", "%", "%4", "/", "?", "#", "h", "99999", "-1"])
+uri_texts = st.one_of(
+    st.text(max_size=40),
+    st.builds(
+        lambda scheme, user, rest: f"{scheme}://{user}{rest}",
+        st.sampled_from(["http", "https", "postgresql", "sqlite", "file", "foo"]),
+        st.sampled_from(["", f"bob:{SECRET}@", f"{SECRET}@"]),
+        st.lists(_piece, max_size=8).map("".join),
+    ),
+)
+
+
+@given(uri=uri_texts)
+@example(uri="http://[::1")
+@example(uri=f"http://bob:{SECRET}@[::1")
+@example(uri=f"https://bob:{SECRET}@host:99999/")
+@example(uri="http://host:port/")
+@example(uri="http://[zz]/")
+def test_check_uri_accepts_or_raises_a_service_error_without_the_secret(uri: str) -> None:
+    try:
+        parts = check_uri("tracking_uri", uri)
+    except ServiceError as error:
+        assert error.service == "MlflowService"
+        assert error.setting == "tracking_uri"
+        assert str(error).startswith("MlflowService.tracking_uri: malformed URI")
+        assert not any(secret in str(error) for secret in uri_secrets(uri))
+        if "://" in uri and (f":{SECRET}@" in uri or f"//{SECRET}@" in uri):
+            assert SECRET not in str(error)
+        return
+    # accepted: the standard library can read every part of it
+    assert parts == urllib.parse.urlsplit(uri)
+    _ = parts.port, parts.hostname
+
+
+@given(uri=uri_texts)
+@example(uri=f"http://bob:{SECRET}@[::1")
+def test_masking_never_raises_and_hides_the_password(uri: str) -> None:
+    masked = mask_uri(uri)
+    assert isinstance(masked, str)
+    assert not any(s in masked for s in uri_secrets(uri) if "*" not in s)  # "***" is ours
+    if "://" in uri and (f":{SECRET}@" in uri or f"//{SECRET}@" in uri):
+        assert SECRET not in masked
+
+
+@pytest.mark.parametrize(
+    ("setting", "uri"),
+    [
+        ("tracking_uri", "http://[::1"),
+        ("tracking_uri", f"https://bob:{SECRET}@mlflow.example.com:99999/"),
+        ("registry_uri", f"postgresql://bob:{SECRET}@[db/mlflow"),
+    ],
+)
+def test_a_malformed_uri_fails_start_naming_the_setting(
+    setting: str, uri: str, mlflow_store: str
+) -> None:
+    # given a service whose tracking or registry URI no parser accepts
+    service = MlflowService.model_validate({"tracking_uri": mlflow_store, setting: uri})
+
+    # when it starts (and when a client is asked for)
+    for attempt in (service.start, service.client):
+        with pytest.raises(ServiceError) as caught:
+            attempt()
+
+        # then the error names the service and the setting, without the secret or a bare ValueError
+        assert caught.value.setting == setting
+        assert "malformed URI" in str(caught.value)
+        assert SECRET not in str(caught.value)
+        assert not isinstance(caught.value.__cause__, ValueError)
+    service.stop()
