@@ -17,7 +17,8 @@ import time
 import typing as T
 import weakref
 
-from regression_model_template.io.services import RedactedError, ServiceError
+from regression_model_template.io.errors import ServiceError
+from regression_model_template.io.masking import RedactedError
 
 if T.TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
