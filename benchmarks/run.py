@@ -314,24 +314,18 @@ def bench_logging(folder: Path, sizes: Sizes) -> list[Row]:
 
 def bench_alerts(folder: Path) -> list[Row]:
     from regression_model_template.io.services import AlertsService
+    from regression_model_template.io.stores import environ_restored
 
     script = folder / "bin" / "notify-send"
     script.parent.mkdir(exist_ok=True)
     script.write_text("#!/bin/sh\nsleep 5\n")
     script.chmod(0o755)
-    saved = {k: os.environ.get(k) for k in ("PATH", "DISPLAY")}
-    os.environ["PATH"] = f"{script.parent}{os.pathsep}{os.environ['PATH']}"
-    os.environ["DISPLAY"] = ":99"
-    try:
+    with environ_restored(("PATH", "DISPLAY")):
+        os.environ["PATH"] = f"{script.parent}{os.pathsep}{os.environ['PATH']}"
+        os.environ["DISPLAY"] = ":99"
         alerts = AlertsService(max_wait=1.0)
         with alerts, open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             elapsed = _timed(lambda: alerts.notify("bench", "hanging backend"))
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return [
         _row(
             "alerts: notify with a hanging backend (bound 1.0 s)",

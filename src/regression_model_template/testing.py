@@ -47,6 +47,7 @@ from loguru import logger
 
 from regression_model_template.containers import Container
 from regression_model_template.io.services import AlertsService
+from regression_model_template.io.stores import MLFLOW_GLOBALS, environ_restored
 
 __all__ = [
     "Alert",
@@ -189,23 +190,18 @@ def mlflow_globals_restored() -> T.Iterator[None]:
         >>> "MLFLOW_EXPERIMENT_ID" in os.environ
         False
     """
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
-    saved = {name: os.environ.get(name) for name in names}
-    try:
-        yield
-    finally:
-        if "mlflow" in sys.modules:
-            import mlflow
+    with environ_restored(MLFLOW_GLOBALS):
+        saved = {name: os.environ.get(name) for name in MLFLOW_GLOBALS}
+        try:
+            yield
+        finally:
+            if "mlflow" in sys.modules:
+                import mlflow
 
-            while mlflow.active_run() is not None:
-                mlflow.end_run("KILLED")
-            mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]
-            mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+                while mlflow.active_run() is not None:
+                    mlflow.end_run("KILLED")
+                mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]
+                mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ from regression_model_template.io.services import (
     Service,
     ServiceError,
 )
+from regression_model_template.io.stores import environ_restored
 
 # These machines have no internet: keep MLflow's telemetry quiet in every run of this module.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -855,9 +856,10 @@ def test_stop_sends_later_alerts_to_the_console(
 @pytest.fixture(autouse=True)
 def _mlflow_isolation() -> Iterator[None]:
     """Start each test with MLflow's global state clean; fail a test that leaves a run active."""
-    saved = {name: os.environ.pop(name, None) for name in MLFLOW_VARIABLES}
-    yield
-    try:
+    with environ_restored(MLFLOW_VARIABLES):
+        for name in MLFLOW_VARIABLES:
+            os.environ.pop(name, None)
+        yield
         if "mlflow" not in sys.modules:
             return
         import mlflow
@@ -872,12 +874,6 @@ def _mlflow_isolation() -> Iterator[None]:
         mlflow.set_registry_uri(None)  # type: ignore[arg-type]
         if leftover:
             pytest.fail(f"the test left active MLflow runs: {leftover}")
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ __all__ = [
     "check_uri",
     "create_experiment_beside_store",
     "ensure_folders",
+    "environ_restored",
     "mlflow_environ",
     "not_blank",
     "probe_server",
@@ -134,14 +135,16 @@ def create_experiment_beside_store(client: MlflowClient, uri: str, name: str) ->
 
 
 @contextlib.contextmanager
-def mlflow_environ() -> T.Iterator[None]:
-    """Quiet MLflow's credential-bearing run links; restore what MLflow wrote into the environment.
+def environ_restored(names: T.Iterable[str]) -> T.Iterator[None]:
+    """Give each of ``names`` back the value it had in ``os.environ`` (or none) after the block.
 
-    ``mlflow.set_tracking_uri`` and friends write :data:`MLFLOW_GLOBALS` into ``os.environ``,
-    where child processes would inherit them.
+    Example:
+        >>> with environ_restored(["RMT_EXAMPLE"]):
+        ...     os.environ["RMT_EXAMPLE"] = "1"
+        >>> "RMT_EXAMPLE" in os.environ
+        False
     """
-    saved = {name: os.environ.get(name) for name in (*MLFLOW_GLOBALS, QUIET_LINKS)}
-    os.environ[QUIET_LINKS] = "true"
+    saved = {name: os.environ.get(name) for name in names}
     try:
         yield
     finally:
@@ -150,3 +153,15 @@ def mlflow_environ() -> T.Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextlib.contextmanager
+def mlflow_environ() -> T.Iterator[None]:
+    """Quiet MLflow's credential-bearing run links; restore what MLflow wrote into the environment.
+
+    ``mlflow.set_tracking_uri`` and friends write :data:`MLFLOW_GLOBALS` into ``os.environ``,
+    where child processes would inherit them.
+    """
+    with environ_restored((*MLFLOW_GLOBALS, QUIET_LINKS)):
+        os.environ[QUIET_LINKS] = "true"
+        yield
