@@ -1300,3 +1300,21 @@ def test_unusable_tracking_uri_fails_at_start_naming_the_setting(tmp_path: Path,
     assert error.value.setting == "tracking_uri"
     assert str(error.value).startswith("MlflowService.tracking_uri: ")
     assert error.value.__cause__ is not None
+
+
+def test_a_failed_start_leaves_the_process_as_it_was(tmp_path: Path) -> None:
+    # given a service whose store MLflow refuses once it has been pointed at it
+    import signal
+
+    service = MlflowService(tracking_uri="foo://somewhere")
+
+    # when the start fails
+    with pytest.raises(ServiceError):
+        service.start()
+
+    # then nothing it changed stays behind: MLflow's variables, the quiet-links switch, SIGTERM
+    for name in (*MLFLOW_VARIABLES, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
+        assert name not in os.environ, name
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    with pytest.raises(ServiceError, match="not started"):
+        service.log_metrics({"loss": 1.0})
