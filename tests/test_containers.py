@@ -459,7 +459,7 @@ def test_service_container_fixture_isolates_each_test(
         service_container.alerts_service().notify("hello", "world")
         service_container.logger_service().logger().info("to the job log")
 
-    assert alerts_outbox == [("hello", "world")]
+    assert alerts_outbox == [("hello", "world", "info")]
     assert str(tmp_path) in service_container.mlflow_service().tracking_uri
     assert "to the job log" in (tmp_path / "logs" / "job.log").read_text()
 

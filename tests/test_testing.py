@@ -74,7 +74,7 @@ USER_TESTS = """
         )):
             with lifespan(service_container):
                 run_id = jobs.scoring(0.5)
-        assert alerts_outbox == [("scoring", "score=0.5 experiment=scoring-test")]
+        assert alerts_outbox == [("scoring", "score=0.5 experiment=scoring-test", "info")]
         client = service_container.mlflow_service().client()
         run = client.get_run(run_id)
         assert client.get_experiment(run.info.experiment_id).name == "scoring-test"
@@ -103,7 +103,7 @@ USER_TESTS = """
         with lifespan(service_container):
             assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
             jobs.scoring(0.2)
-        assert alerts_outbox == [("scoring", "score=0.2 experiment=tests")]
+        assert alerts_outbox == [("scoring", "score=0.2 experiment=tests", "info")]
         # Each test logs to its own file: test a's sink was removed when it ended.
         [log_of_test_a] = LOGS_OF_TEST_A
         assert "from test a" in log_of_test_a.read_text()

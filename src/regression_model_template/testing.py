@@ -6,7 +6,8 @@ Installed with the package (entry point ``pytest11``), so any project that depen
 - ``service_container``: a fresh, wired :class:`~regression_model_template.containers.Container`
   per test: MLflow on a SQLite store under ``tmp_path``, alerts recorded instead of shown,
   logs written to ``tmp_path/logs/job.log``. Unwired and shut down after the test.
-- ``alerts_outbox``: the alerts sent during the test, in order, as ``Alert(title, message)``.
+- ``alerts_outbox``: the alerts sent during the test, in order, as
+  ``Alert(title, message, level)``.
 - ``logger_caplog``: loguru records in pytest's ``caplog``.
 - ``service_container_packages``: override it to wire your own job packages.
 - ``mlflow_store``: the URI of a fresh SQLite tracking store under ``tmp_path``.
@@ -59,15 +60,16 @@ __all__ = [
 
 
 class Alert(T.NamedTuple):
-    """One alert sent during a test.
+    """One alert sent during a test: its title, message and level.
 
     Example:
-        >>> Alert("Training", "rmse=53.1").title
-        'Training'
+        >>> Alert("Training", "rmse=53.1", "success").level
+        'success'
     """
 
     title: str
     message: str
+    level: str = "info"
 
 
 class RecordingAlertsService(AlertsService):
@@ -79,7 +81,7 @@ class RecordingAlertsService(AlertsService):
         >>> with alerts:
         ...     alerts.notify("Training", "done")
         >>> outbox
-        [Alert(title='Training', message='done')]
+        [Alert(title='Training', message='done', level='info')]
     """
 
     _outbox: list[Alert] = pydantic.PrivateAttr(default_factory=list)
@@ -103,13 +105,13 @@ class RecordingAlertsService(AlertsService):
             >>> RecordingAlertsService().start()
         """
 
-    def notify(self, title: str, message: str) -> None:
-        """Record the alert.
+    def notify(self, title: str, message: str, level: str = "info") -> None:
+        """Record the alert (every call: repeats are not folded here).
 
         Example:
-            >>> RecordingAlertsService().notify("title", "message")
+            >>> RecordingAlertsService().notify("title", "message", level="warning")
         """
-        self._outbox.append(Alert(title, message))
+        self._outbox.append(Alert(title, message, level))
 
 
 @pytest.fixture(scope="session")

@@ -660,7 +660,9 @@ def test_with_a_desktop_alerts_go_through_plyers_public_facade(
 
     calls: list[dict[str, T.Any]] = []
     # (set on plyer's backend object, which desktop_session forgets after the test)
-    plyer.notification.notify = lambda **kwargs: calls.append(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # plyer chooses its backend here, warning for each
+        plyer.notification.notify = lambda **kwargs: calls.append(kwargs)
     alerts = AlertsService(app_name="demo", timeout=5)
 
     # when started and notified
@@ -683,7 +685,9 @@ def test_a_raising_facade_falls_back_to_the_console(
     def broken(**kwargs: T.Any) -> None:
         raise OSError("backend exploded")
 
-    plyer.notification.notify = broken  # forgotten with the backend after the test
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # plyer chooses its backend here, warning for each
+        plyer.notification.notify = broken  # forgotten with the backend after the test
     alerts = AlertsService(app_name="demo")
 
     # when notified

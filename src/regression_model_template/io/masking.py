@@ -18,7 +18,17 @@ import re
 import typing as T
 import urllib.parse
 
-__all__ = ["RedactedError", "mask_setting", "mask_uri", "redact", "uri_secrets"]
+import pydantic
+
+__all__ = [
+    "RedactedError",
+    "channel_secrets",
+    "mask_channel",
+    "mask_setting",
+    "mask_uri",
+    "redact",
+    "uri_secrets",
+]
 
 _SECRET_QUERY_KEYS = re.compile(r"pass|secret|token|key|auth|credential|signature", re.IGNORECASE)
 # Setting names whose whole value is a secret (``config show`` prints ``***`` for them).
@@ -54,8 +64,8 @@ def uri_secrets(uri: str | None) -> list[str]:
     netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
     secrets: list[str] = []
     if "@" in netloc:
-        user, colon, password = netloc.rpartition("@")[0].partition(":")
-        secret = password if colon else user
+        user, _, password = netloc.rpartition("@")[0].partition(":")
+        secret = password or user  # a lone user name (or one with an empty password): a token
         if secret:
             secrets.append(secret)
     query = uri.partition("?")[2].partition("#")[0]
@@ -93,6 +103,62 @@ def mask_uri(uri: str) -> str:
     return redact(uri, uri_secrets(uri))
 
 
+def _host_is_a_name(host: str) -> bool:
+    # A real host (a domain, an IP address, localhost) rather than a token in host position,
+    # as in slack://TokenA/TokenB/TokenC or discord://webhook_id/webhook_token.
+    return "." in host or ":" in host or host == "localhost"
+
+
+def _channel_parts(url: str) -> tuple[str, str, str, str]:
+    """Return (scheme, user-information, host[:port], the rest) of a URL, without ever raising."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "", "", "", url
+    netloc = re.match(r"[^/?#]*", rest)
+    host_part = netloc.group(0) if netloc else ""
+    userinfo, _, host = host_part.rpartition("@")
+    return scheme, userinfo, host, rest[len(host_part) :]
+
+
+def channel_secrets(url: str) -> list[str]:
+    """Return the parts of an alert (apprise) URL that may be secrets: nearly all of them.
+
+    The whole URL, its user and password, a host that is not a name (a token), every path
+    segment and every query value; pieces shorter than 3 characters are left out.
+
+    Example:
+        >>> channel_secrets("slack://TokenA/TokenB/TokenC")
+        ['slack://TokenA/TokenB/TokenC', 'TokenA', 'TokenB', 'TokenC']
+        >>> channel_secrets("json://127.0.0.1:8080/hook/t0ken?key=abc")
+        ['json://127.0.0.1:8080/hook/t0ken?key=abc', 'hook', 't0ken', 'abc']
+    """
+    _, userinfo, host, rest = _channel_parts(url)
+    pieces = [url, *userinfo.split(":", 1)]
+    if not _host_is_a_name(host):
+        pieces.append(host)
+    path, _, query = rest.partition("?")
+    pieces += path.split("/")
+    pieces += [value for _, value in urllib.parse.parse_qsl(query.partition("#")[0])]
+    return [piece for piece in pieces if len(piece) >= 3]
+
+
+def mask_channel(url: str) -> str:
+    """Show an alert URL without its secrets: the scheme, and the host when it is a name.
+
+    Example:
+        >>> mask_channel("json://user:pw@127.0.0.1:8080/hook/t0ken")
+        'json://127.0.0.1:8080/***'
+        >>> mask_channel("slack://TokenA/TokenB/TokenC")
+        'slack://***'
+    """
+    scheme, _, host, rest = _channel_parts(url)
+    if not scheme:
+        return "***"
+    if not _host_is_a_name(host):
+        return f"{scheme}://***"
+    return f"{scheme}://{host}" + ("/***" if rest.strip("/") else "")
+
+
 def mask_setting(path: str, value: T.Any) -> T.Any:
     """Return a setting's value fit to show: secret settings as ``***``, URIs masked.
 
@@ -102,6 +168,8 @@ def mask_setting(path: str, value: T.Any) -> T.Any:
         >>> mask_setting("alerts.webhook", "anything")
         '***'
     """
+    if isinstance(value, pydantic.SecretStr):  # alert URLs
+        return mask_channel(value.get_secret_value())
     if isinstance(value, str):
         if any(word in path.lower() for word in _SECRET_SETTINGS):
             return "***"

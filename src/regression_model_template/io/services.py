@@ -28,9 +28,16 @@ import loguru
 import pydantic
 from loguru import logger as _logger
 
-from regression_model_template.io import desktop, logs, stores, tracking
+from regression_model_template.io import alert_channels, desktop, logs, stores, tracking
 from regression_model_template.io.errors import ServiceError, translated_errors
-from regression_model_template.io.masking import RedactedError, mask_uri, redact, uri_secrets
+from regression_model_template.io.masking import (
+    RedactedError,
+    channel_secrets,
+    mask_channel,
+    mask_uri,
+    redact,
+    uri_secrets,
+)
 
 if T.TYPE_CHECKING:
     from mlflow import ActiveRun
@@ -190,101 +197,177 @@ class LoggerService(Service):
 
 
 class AlertsService(Service):
-    """Notifications to a person: desktop notifications, or console lines as a fallback.
+    """Alerts to a person: the desktop, any number of apprise URLs, the console as a fallback.
 
-    ``notify`` never raises and never blocks longer than ``max_wait`` seconds. When the
-    desktop cannot show a notification (no backend, no display or session bus, a backend that
-    fails or hangs), the alert is printed as ``[app_name] title: message`` and one warning per
-    cause is logged.
+    Each alert goes to the desktop (when one can show it) and to every URL at once: Slack,
+    Microsoft Teams (``workflows://``), e-mail (``mailto://``), ntfy, webhooks (``json://``)...
+    When no channel delivers it, or alerts are disabled, it is printed as
+    ``[app_name] title: message`` (with the level before the title unless it is ``info``).
+    ``notify`` never raises and returns within ``max_wait`` seconds however many channels are
+    slow; each failing channel and cause is warned once, with the URL masked.
 
     Attributes:
-        enable: send desktop notifications; when False, alerts are printed to the console.
+        enable: send alerts to the desktop and the URLs; when False, every alert is printed.
         app_name: the application name shown with each alert.
-        timeout: seconds the notification stays on screen (None: the desktop's default).
-        max_wait: seconds ``notify`` waits for the desktop before falling back to the console.
+        timeout: seconds a desktop notification stays on screen (None: the desktop's default).
+        max_wait: seconds ``notify`` waits for all channels together; a slower channel is
+            abandoned for that alert.
+        urls: apprise URLs, one per channel. They are secrets: never shown, logged or printed
+            (keep them in the environment, e.g. ``RMT_ALERTS__URLS='["slack://..."]'``).
+        dedup_seconds: the same title and message again within this many seconds is sent
+            once; the log says how many repeats were folded (0: never fold).
 
     Example:
         >>> alerts = AlertsService(enable=False, app_name="demo")
         >>> with alerts:
         ...     alerts.notify("Evaluation", "r2=0.45")
+        ...     alerts.notify("Evaluation", "r2 below 0.5", level="warning")
         [demo] Evaluation: r2=0.45
+        [demo] WARNING Evaluation: r2 below 0.5
     """
 
     enable: bool = True
     app_name: str = "regression_model_template"
     timeout: int | None = pydantic.Field(default=None, ge=1)
     max_wait: float = pydantic.Field(default=2.0, gt=0, le=60)
+    urls: list[pydantic.SecretStr] = []
+    dedup_seconds: float = pydantic.Field(default=60.0, ge=0)
 
-    _desktop: bool = pydantic.PrivateAttr(default=False)
-    _warned: set[str] = pydantic.PrivateAttr(default_factory=set)
+    _channels: list[alert_channels.Channel] = pydantic.PrivateAttr(default_factory=list)
+    _repeats: alert_channels.Repeats | None = pydantic.PrivateAttr(default=None)
+    _masking: contextlib.ExitStack = pydantic.PrivateAttr(default_factory=contextlib.ExitStack)
+    _warned: set[tuple[str, str]] = pydantic.PrivateAttr(default_factory=set)
     _lock: threading.Lock = pydantic.PrivateAttr(default_factory=threading.Lock)
 
     @property
     def channel(self) -> T.Literal["desktop", "console"]:
-        """Where the next alert goes, as decided by ``start()`` and by earlier failures.
+        """Whether the desktop shows the next alert (``desktop``) or it cannot (``console``).
 
         Example:
             >>> AlertsService(enable=False).channel
             'console'
         """
-        return "desktop" if self._desktop else "console"
+        return "desktop" if "desktop" in self.channels else "console"
+
+    @property
+    def channels(self) -> list[str]:
+        """Where the next alert goes, URLs masked (``console`` alone when nowhere else).
+
+        Example:
+            >>> AlertsService(enable=False).channels
+            ['console']
+        """
+        return [channel.name for channel in self._channels] or ["console"]
 
     def start(self) -> None:
-        """Choose the desktop, or the console when alerts are off or no desktop can be used.
+        """Choose the channels: the desktop when it can show alerts, and every URL.
 
         Example:
             >>> alerts = AlertsService(enable=False)
             >>> alerts.start()
-            >>> alerts.channel
-            'console'
+            >>> alerts.channels
+            ['console']
         """
         with self._lock:
-            self._warned.clear()
-            self._desktop = False
+            self._stop()
             if not self.enable:
                 _logger.debug("Alerts go to the console (alerts.enable is false)")
                 return
+            urls = [url.get_secret_value() for url in self.urls]
+            if urls:
+                self._masking.enter_context(alert_channels.masked_logs(urls))
+            self._repeats = (
+                alert_channels.Repeats(self.dedup_seconds) if self.dedup_seconds else None
+            )
             reason = desktop.unavailable()
-            if reason is not None:
-                self._fall_back(desktop.Failure(reason, lasting=True))
-                return
-            self._desktop = True
-            _logger.debug("Alerts go to the desktop (plyer.notification)")
+            if reason is None:
+                self._channels.append(alert_channels.DesktopChannel(self.app_name, self.timeout))
+            elif not urls:
+                self._warn("desktop", reason)
+        for url in urls:
+            try:
+                channel = alert_channels.AppriseChannel(url)
+            except Exception as exc:  # apprise missing or refusing the URL: say so, go on
+                self._warn(mask_channel(url), redact(str(exc), channel_secrets(url)))
+                continue
+            self._channels.append(channel)
+        _logger.debug("Alerts go to {}", ", ".join(self.channels))
 
-    def notify(self, title: str, message: str) -> None:
-        """Send an alert; print it to the console when the desktop cannot show it.
+    def notify(self, title: str, message: str, level: alert_channels.Level = "info") -> None:
+        """Send an alert to every channel; print it when none delivers it.
+
+        ``level`` is ``info``, ``success``, ``warning`` or ``failure``: apprise's notify type,
+        and shown in the console line.
 
         Example:
-            >>> AlertsService(enable=False).notify("Job failed", "training: ValueError")
-            [regression_model_template] Job failed: training: ValueError
+            >>> AlertsService(enable=False).notify("Job failed", "ValueError", level="failure")
+            [regression_model_template] FAILURE Job failed: ValueError
         """
-        if self._desktop:
-            failure = desktop.send(
-                title, message, app_name=self.app_name, timeout=self.timeout, max_wait=self.max_wait
-            )
-            if failure is None:
+        if level not in alert_channels.LEVELS:
+            self._warn("level", f"unknown alert level {level!r}: sent as info")
+            level = "info"
+        if self._repeats is not None:
+            self._report(self._repeats.settle())
+            if not self._repeats.admit((title, message)):
                 return
-            self._fall_back(failure)
-        print(f"[{self.app_name}] {title}: {message}", flush=True)
+        delivered = False
+        for delivery in self.probe(title, message, level):
+            delivered = delivered or delivery.failure is None
+            if delivery.failure is not None:
+                self._warn(delivery.channel, delivery.failure, lasting=delivery.lasting)
+        if not delivered:
+            tag = "" if level == "info" else f"{level.upper()} "
+            print(f"[{self.app_name}] {tag}{title}: {message}", flush=True)
+
+    def probe(
+        self, title: str, message: str, level: alert_channels.Level = "info"
+    ) -> list[alert_channels.Delivery]:
+        """Send an alert to every channel, without folding or console; return what each did.
+
+        Example:
+            >>> AlertsService(enable=False).probe("check", "test alert")
+            []
+        """
+        chosen = list(self._channels)
+        return (
+            alert_channels.deliver(chosen, title, message, level, self.max_wait) if chosen else []
+        )
 
     def stop(self) -> None:
-        """Stop using the desktop; later alerts go to the console.
+        """Report folded repeats; later alerts go to the console.
 
         Example:
             >>> AlertsService(enable=False).stop()
         """
         with self._lock:
-            self._desktop = False
+            self._stop()
 
-    def _fall_back(self, failure: desktop.Failure) -> None:
-        """Warn once per cause that alerts go to the console; give up a lasting failure."""
-        if failure.lasting:
-            self._desktop = False
-        if failure.reason not in self._warned:
-            self._warned.add(failure.reason)
-            _logger.warning(
-                "Desktop notifications unavailable, alerts go to the console: {}", failure.reason
+    def _stop(self) -> None:
+        if self._repeats is not None:
+            self._report(self._repeats.settle(everything=True))
+        self._repeats = None
+        self._channels.clear()
+        self._masking.close()
+        self._warned.clear()
+
+    def _report(self, folded: list[tuple[T.Hashable, int]]) -> None:
+        for key, count in folded:
+            title = key[0] if isinstance(key, tuple) else key
+            _logger.info(
+                "Alert {!r} was repeated {} more time(s) within {:g} s: sent once "
+                "(alerts.dedup_seconds)",
+                title,
+                count,
+                self.dedup_seconds,
             )
+
+    def _warn(self, channel: str, reason: str, lasting: bool = True) -> None:
+        """Warn once per channel and cause; stop using a channel that will never work."""
+        if lasting:
+            self._channels[:] = [c for c in self._channels if c.name != channel]
+        if (channel, reason) not in self._warned:
+            self._warned.add((channel, reason))
+            _logger.warning("Alerts cannot use {}: {}", channel, reason)
 
 
 # %% MLFLOW
@@ -516,6 +599,19 @@ class MlflowService(Service):
         """
         started = self._started()
         started.writer.log_metrics(started.active_run_id(), metrics, step)
+
+    def run_link(self, run_id: str | None = None) -> str | None:
+        """The run's page in the MLflow UI when the store is a tracking server, else None.
+
+        ``run_id`` defaults to the run started most recently.
+
+        Example:
+            >>> MlflowService(tracking_uri="https://u:pw@mlflow.example.com").run_link("ab12")
+        """
+        run_id = run_id or (self._session.last_run_id if self._session else None)
+        if run_id is None or self._session is None:
+            return None
+        return stores.run_link(self.tracking_uri, self._session.experiment_id, run_id)
 
     def redact(self, text: str) -> str:
         """Return ``text`` with the credentials of this service's URIs replaced by ``***``.

@@ -1,7 +1,7 @@
 """Tracking and registry stores: their URIs, local folders, reachability and MLflow's globals.
 
 MlflowService checks every URI here before MLflow sees it: a malformed URI (an unclosed IPv6
-bracket, a port that is not a number) is a :class:`ServiceError` naming the setting, never a
+bracket, a port that is not a number) is a :class:`~regression_model_template.io.errors.ServiceError` naming the setting, never a
 bare ``ValueError`` from deep inside a dependency, and never a message carrying credentials.
 
 Example:
@@ -37,6 +37,7 @@ __all__ = [
     "mlflow_environ",
     "not_blank",
     "probe_server",
+    "run_link",
     "sqlite_path",
 ]
 
@@ -119,6 +120,25 @@ def probe_server(uri: str, timeout: float) -> None:
             f"no answer from the tracking server {mask_uri(uri)} within {timeout:g} s "
             f"(mlflow.connect_timeout): {cause}",
         ) from RedactedError(cause)
+
+
+def run_link(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """Return the run's page in the MLflow UI of a tracking server (None for other stores).
+
+    Credentials are left out: the browser asks for them.
+
+    Example:
+        >>> run_link("https://bob:pw@mlflow.example.com/", "3", "ab12")
+        'https://mlflow.example.com/#/experiments/3/runs/ab12'
+        >>> run_link("sqlite:///mlruns/mlflow.db", "3", "ab12") is None
+        True
+    """
+    parts = check_uri("tracking_uri", uri)
+    if parts.scheme not in ("http", "https"):
+        return None
+    host = parts.netloc.rpartition("@")[2]
+    base = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def create_experiment_beside_store(client: MlflowClient, uri: str, name: str) -> None:

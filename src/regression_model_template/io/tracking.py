@@ -101,6 +101,8 @@ class TrackingSession:
         self._restore = restore
         self._store = store
         self._open: list[str] = []
+        self.experiment_id = ""  # the experiment runs are started in
+        self.last_run_id: str | None = None  # the run started most recently
 
     @classmethod
     def open(
@@ -121,7 +123,7 @@ class TrackingSession:
             registry_uri: the model registry.
             experiment_name: created (beside a SQLite store) or selected.
             autolog: ``mlflow.autolog``'s arguments.
-            writer: the :class:`BatchWriter`'s options.
+            writer: the :class:`~regression_model_template.io.batching.BatchWriter`'s options.
             errors: turns a dependency's exception into a ServiceError (setting, what).
             store: the tracking store, credentials masked, for messages.
 
@@ -140,13 +142,15 @@ class TrackingSession:
                 mlflow.set_tracking_uri(tracking_uri)
                 mlflow.set_registry_uri(registry_uri)
                 stores.create_experiment_beside_store(client, tracking_uri, experiment_name)
-                mlflow.set_experiment(experiment_name)
+                experiment = mlflow.set_experiment(experiment_name)
             with errors("autolog_disable", "cannot configure autolog"):
                 mlflow.autolog(**autolog)
             # Imported after mlflow: its exit hook then flushes before MLflow ends runs.
             from regression_model_template.io.batching import BatchWriter
 
-            return cls(BatchWriter(client, **writer), errors, restore.pop_all(), store)
+            session = cls(BatchWriter(client, **writer), errors, restore.pop_all(), store)
+            session.experiment_id = experiment.experiment_id
+            return session
 
     @contextlib.contextmanager
     def run(self, **start_run: T.Any) -> T.Iterator[ActiveRun]:
@@ -156,6 +160,7 @@ class TrackingSession:
         with self._errors("tracking_uri", f"cannot start a run on {self._store}"):
             run = mlflow.start_run(nested=mlflow.active_run() is not None, **start_run)
         self._open.append(run.info.run_id)
+        self.last_run_id = run.info.run_id
         try:
             yield run
         except BaseException as error:

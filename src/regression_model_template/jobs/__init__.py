@@ -28,9 +28,9 @@ JOBS: dict[str, str] = {
 def run(name: str, container: Container) -> T.Any:
     """Run the job ``name`` with the container's services, started and stopped around it.
 
-    When the job raises, its run ends FAILED, the traceback goes to the log, an alert names the
-    job and the error in one line (credentials masked), the services are stopped, and the
-    error propagates.
+    When the job raises, its run ends FAILED, the traceback goes to the log, a ``failure`` alert
+    names the job and the error in one line (credentials masked) with, for a tracking server,
+    the link to the run in the MLflow UI; the services are stopped, and the error propagates.
 
     Raises:
         KeyError: no job has that name.
@@ -55,5 +55,7 @@ def run(name: str, container: Container) -> T.Any:
             container.logger_service().logger().opt(exception=error).error(
                 "Job {} failed: {}", name, cause
             )
-            container.alerts_service().notify(f"{name} failed", cause)
+            link = mlflow_service.run_link()
+            message = f"{cause}\n{link}" if link else cause
+            container.alerts_service().notify(f"{name} failed", message, level="failure")
             raise

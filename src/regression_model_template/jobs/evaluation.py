@@ -56,5 +56,6 @@ def evaluation(
     alerts.notify(
         "evaluation finished",
         f"rmse={metrics['rmse']:.2f} r2={metrics['r2']:.3f} {model_uri} run {run.info.run_id}",
+        level="success",
     )
     return EvaluationResult(run.info.run_id, metrics, model_uri)

@@ -75,6 +75,7 @@ def training(
         "training finished",
         f"rmse={metrics['rmse']:.2f} r2={metrics['r2']:.3f} run {run_id} "
         f"model {mlflow_service.registry_name} v{version}",
+        level="success",
     )
     return TrainingResult(run_id, metrics, str(version))
 
