@@ -205,6 +205,13 @@ def load_profile(path: Path, environ: T.Mapping[str, str]) -> Tree:
         for field, value in values.items():
             if isinstance(value, str) and "${" in value:
                 values[field] = _expand(section, field, value, environ, missing)
+            elif isinstance(value, list):  # e.g. alerts.urls: ["${SLACK_URL}", ...]
+                values[field] = [
+                    _expand(section, field, item, environ, missing, text=True)
+                    if isinstance(item, str) and "${" in item
+                    else item
+                    for item in value
+                ]
     if missing:
         raise ConfigError(
             [
@@ -216,9 +223,17 @@ def load_profile(path: Path, environ: T.Mapping[str, str]) -> Tree:
 
 
 def _expand(
-    section: str, field: str, value: str, environ: T.Mapping[str, str], missing: dict[str, str]
+    section: str,
+    field: str,
+    value: str,
+    environ: T.Mapping[str, str],
+    missing: dict[str, str],
+    text: bool = False,
 ) -> T.Any:
-    """Expand references in one value; a value that is a single reference gets its type."""
+    """Expand references in one value; a value that is a single reference gets its type.
+
+    ``text``: the value is an item of a list, kept as text.
+    """
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group("name"), match.group("default")
@@ -230,7 +245,7 @@ def _expand(
         return default
 
     expanded = _ENV_REFERENCE.sub(substitute, value)
-    if _ENV_REFERENCE.fullmatch(value):
+    if _ENV_REFERENCE.fullmatch(value) and not text:
         return parse_value(section, field, expanded)
     return expanded
 

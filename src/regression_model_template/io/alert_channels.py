@@ -32,7 +32,9 @@ import threading
 import time
 import typing as T
 
-from regression_model_template.io import desktop
+from loguru import logger
+
+from regression_model_template.io import desktop as _desktop
 from regression_model_template.io.masking import channel_secrets, mask_channel, redact
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "Channel",
     "Delivery",
     "DesktopChannel",
+    "Dispatcher",
     "Level",
     "NotDelivered",
     "Repeats",
@@ -101,7 +104,7 @@ class DesktopChannel(Channel):
 
     def send(self, title: str, message: str, level: str) -> None:
         """Show the notification (the desktop has no notion of levels)."""
-        desktop.notify(title, message, app_name=self.app_name, timeout=self.timeout)
+        _desktop.notify(title, message, app_name=self.app_name, timeout=self.timeout)
 
     def lasting(self, error: BaseException) -> bool:
         """No backend at all will not appear later."""
@@ -288,3 +291,110 @@ class Repeats:
             ]
             counts = [(key, int(self._seen.pop(key)[1])) for key in closed]
         return [(key, count) for key, count in counts if count]
+
+
+# %% a started AlertsService
+
+
+class Dispatcher:
+    """What a started AlertsService holds: its channels, folded repeats, causes warned.
+
+    Opened by ``AlertsService.start()`` (:meth:`open`), closed by ``stop()``.
+
+    Example:
+        >>> dispatcher = Dispatcher.open(desktop=False, urls=[], app_name="demo", timeout=None)
+        >>> dispatcher.send("Training", "done", "success", max_wait=1.0)
+        False
+        >>> dispatcher.names
+        []
+    """
+
+    def __init__(self, channels: list[Channel], repeats: Repeats | None) -> None:
+        self._channels = channels
+        self._repeats = repeats
+        self._masking = contextlib.ExitStack()
+        self._warned: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        desktop: bool,
+        urls: T.Sequence[str],
+        app_name: str,
+        timeout: int | None,
+        dedup_seconds: float = 0,
+    ) -> Dispatcher:
+        """Choose the channels: the desktop (when ``desktop`` and one can show alerts), each URL.
+
+        A URL apprise refuses, or a desktop that cannot be used while no URL is configured, is
+        warned once; nothing raises.
+        """
+        dispatcher = cls([], Repeats(dedup_seconds) if dedup_seconds else None)
+        if urls:
+            dispatcher._masking.enter_context(masked_logs(urls))
+        reason = _desktop.unavailable() if desktop else None
+        if desktop and reason is None:
+            dispatcher._channels.append(DesktopChannel(app_name, timeout))
+        elif reason is not None and not urls:
+            dispatcher.warn("desktop", reason)
+        for url in urls:
+            try:
+                dispatcher._channels.append(AppriseChannel(url))
+            except Exception as exc:  # apprise missing, or refusing the URL: say so, go on
+                dispatcher.warn(mask_channel(url), redact(str(exc), channel_secrets(url)))
+        return dispatcher
+
+    @property
+    def names(self) -> list[str]:
+        """The channels' names, secrets masked."""
+        return [channel.name for channel in self._channels]
+
+    def send(self, title: str, message: str, level: str, max_wait: float) -> bool:
+        """Send an alert to every channel (a repeat is folded); return whether one delivered it."""
+        if self._repeats is not None:
+            self._report(self._repeats.settle())
+            if not self._repeats.admit((title, message)):
+                return True  # sent already, within the window
+        delivered = False
+        for delivery in self.probe(title, message, level, max_wait):
+            if delivery.failure is None:
+                delivered = True
+            else:
+                self.warn(delivery.channel, delivery.failure, lasting=delivery.lasting)
+        return delivered
+
+    def probe(self, title: str, message: str, level: str, max_wait: float) -> list[Delivery]:
+        """Send an alert to every channel, no folding; return what each one did."""
+        chosen = list(self._channels)
+        return deliver(chosen, title, message, level, max_wait) if chosen else []
+
+    def warn(self, channel: str, reason: str, lasting: bool = True) -> None:
+        """Warn once per channel and cause; stop using a channel that will never work."""
+        with self._lock:
+            if lasting:
+                self._channels[:] = [c for c in self._channels if c.name != channel]
+            if (channel, reason) in self._warned:
+                return
+            self._warned.add((channel, reason))
+        logger.warning("Alerts cannot use {}: {}", channel, reason)
+
+    def close(self) -> None:
+        """Report the repeats still folded; stop masking apprise's records."""
+        if self._repeats is not None:
+            self._report(self._repeats.settle(everything=True))
+        self._channels.clear()
+        self._masking.close()
+
+    def _report(self, folded: list[tuple[T.Hashable, int]]) -> None:
+        assert self._repeats is not None
+        for key, count in folded:
+            title = key[0] if isinstance(key, tuple) else key
+            logger.info(
+                "Alert {!r} was repeated {} more time(s) within {:g} s and sent once "
+                "(alerts.dedup_seconds)",
+                title,
+                count,
+                self._repeats.window,
+            )

@@ -28,16 +28,9 @@ import loguru
 import pydantic
 from loguru import logger as _logger
 
-from regression_model_template.io import alert_channels, desktop, logs, stores, tracking
+from regression_model_template.io import alert_channels, logs, stores, tracking
 from regression_model_template.io.errors import ServiceError, translated_errors
-from regression_model_template.io.masking import (
-    RedactedError,
-    channel_secrets,
-    mask_channel,
-    mask_uri,
-    redact,
-    uri_secrets,
-)
+from regression_model_template.io.masking import RedactedError, mask_uri, redact, uri_secrets
 
 if T.TYPE_CHECKING:
     from mlflow import ActiveRun
@@ -233,11 +226,7 @@ class AlertsService(Service):
     urls: list[pydantic.SecretStr] = []
     dedup_seconds: float = pydantic.Field(default=60.0, ge=0)
 
-    _channels: list[alert_channels.Channel] = pydantic.PrivateAttr(default_factory=list)
-    _repeats: alert_channels.Repeats | None = pydantic.PrivateAttr(default=None)
-    _masking: contextlib.ExitStack = pydantic.PrivateAttr(default_factory=contextlib.ExitStack)
-    _warned: set[tuple[str, str]] = pydantic.PrivateAttr(default_factory=set)
-    _lock: threading.Lock = pydantic.PrivateAttr(default_factory=threading.Lock)
+    _dispatcher: alert_channels.Dispatcher | None = pydantic.PrivateAttr(default=None)
 
     @property
     def channel(self) -> T.Literal["desktop", "console"]:
@@ -257,7 +246,7 @@ class AlertsService(Service):
             >>> AlertsService(enable=False).channels
             ['console']
         """
-        return [channel.name for channel in self._channels] or ["console"]
+        return (self._dispatcher.names if self._dispatcher else []) or ["console"]
 
     def start(self) -> None:
         """Choose the channels: the desktop when it can show alerts, and every URL.
@@ -268,29 +257,17 @@ class AlertsService(Service):
             >>> alerts.channels
             ['console']
         """
-        with self._lock:
-            self._stop()
-            if not self.enable:
-                _logger.debug("Alerts go to the console (alerts.enable is false)")
-                return
-            urls = [url.get_secret_value() for url in self.urls]
-            if urls:
-                self._masking.enter_context(alert_channels.masked_logs(urls))
-            self._repeats = (
-                alert_channels.Repeats(self.dedup_seconds) if self.dedup_seconds else None
-            )
-            reason = desktop.unavailable()
-            if reason is None:
-                self._channels.append(alert_channels.DesktopChannel(self.app_name, self.timeout))
-            elif not urls:
-                self._warn("desktop", reason)
-        for url in urls:
-            try:
-                channel = alert_channels.AppriseChannel(url)
-            except Exception as exc:  # apprise missing or refusing the URL: say so, go on
-                self._warn(mask_channel(url), redact(str(exc), channel_secrets(url)))
-                continue
-            self._channels.append(channel)
+        self._close()  # a second start chooses again
+        if not self.enable:
+            _logger.debug("Alerts go to the console (alerts.enable is false)")
+            return
+        self._dispatcher = alert_channels.Dispatcher.open(
+            desktop=True,
+            urls=[url.get_secret_value() for url in self.urls],
+            app_name=self.app_name,
+            timeout=self.timeout,
+            dedup_seconds=self.dedup_seconds,
+        )
         _logger.debug("Alerts go to {}", ", ".join(self.channels))
 
     def notify(self, title: str, message: str, level: alert_channels.Level = "info") -> None:
@@ -303,19 +280,12 @@ class AlertsService(Service):
             >>> AlertsService(enable=False).notify("Job failed", "ValueError", level="failure")
             [regression_model_template] FAILURE Job failed: ValueError
         """
+        dispatcher = self._dispatcher
         if level not in alert_channels.LEVELS:
-            self._warn("level", f"unknown alert level {level!r}: sent as info")
+            if dispatcher is not None:
+                dispatcher.warn("level", f"unknown alert level {level!r}: sent as info")
             level = "info"
-        if self._repeats is not None:
-            self._report(self._repeats.settle())
-            if not self._repeats.admit((title, message)):
-                return
-        delivered = False
-        for delivery in self.probe(title, message, level):
-            delivered = delivered or delivery.failure is None
-            if delivery.failure is not None:
-                self._warn(delivery.channel, delivery.failure, lasting=delivery.lasting)
-        if not delivered:
+        if dispatcher is None or not dispatcher.send(title, message, level, self.max_wait):
             tag = "" if level == "info" else f"{level.upper()} "
             print(f"[{self.app_name}] {tag}{title}: {message}", flush=True)
 
@@ -328,10 +298,8 @@ class AlertsService(Service):
             >>> AlertsService(enable=False).probe("check", "test alert")
             []
         """
-        chosen = list(self._channels)
-        return (
-            alert_channels.deliver(chosen, title, message, level, self.max_wait) if chosen else []
-        )
+        dispatcher = self._dispatcher
+        return dispatcher.probe(title, message, level, self.max_wait) if dispatcher else []
 
     def stop(self) -> None:
         """Report folded repeats; later alerts go to the console.
@@ -339,35 +307,12 @@ class AlertsService(Service):
         Example:
             >>> AlertsService(enable=False).stop()
         """
-        with self._lock:
-            self._stop()
+        self._close()
 
-    def _stop(self) -> None:
-        if self._repeats is not None:
-            self._report(self._repeats.settle(everything=True))
-        self._repeats = None
-        self._channels.clear()
-        self._masking.close()
-        self._warned.clear()
-
-    def _report(self, folded: list[tuple[T.Hashable, int]]) -> None:
-        for key, count in folded:
-            title = key[0] if isinstance(key, tuple) else key
-            _logger.info(
-                "Alert {!r} was repeated {} more time(s) within {:g} s: sent once "
-                "(alerts.dedup_seconds)",
-                title,
-                count,
-                self.dedup_seconds,
-            )
-
-    def _warn(self, channel: str, reason: str, lasting: bool = True) -> None:
-        """Warn once per channel and cause; stop using a channel that will never work."""
-        if lasting:
-            self._channels[:] = [c for c in self._channels if c.name != channel]
-        if (channel, reason) not in self._warned:
-            self._warned.add((channel, reason))
-            _logger.warning("Alerts cannot use {}: {}", channel, reason)
+    def _close(self) -> None:
+        dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None:
+            dispatcher.close()
 
 
 # %% MLFLOW
