@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-all lint docs bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,26 @@ lint: $(STAMP)  ## ruff and mypy --strict
 test: lint  ## lint, type-check, then the whole test suite (server tests included)
 	$(BIN)/pytest
 
+# pyenv's Python 3 installs go first on PATH, so that nox finds python3.11, python3.12, ... (not
+# pyenv's shims, which fail for a version that is not selected). nox skips a version that is not
+# installed, except on CI (CI set), where that fails the run.
+PYENV_ROOT ?= $(or $(shell pyenv root 2>/dev/null),$(HOME)/.pyenv)
+PYENV_BINS = $(subst $(eval) ,:,$(wildcard $(PYENV_ROOT)/versions/3.*/bin))
+
+test-all: lint  ## lint once, then the suite on every supported Python present (3.11-3.13): CI runs this
+	PATH="$(PYENV_BINS)$(if $(PYENV_BINS),:)$$PATH" $(BIN)/nox $(NOX_ARGS)
+
+# pdoc follows a package's __all__, which leaves out the modules of jobs/: name them too.
+DOCS := docs/api
+DOC_MODULES := regression_model_template \
+	$(subst /,.,$(patsubst src/%.py,%,$(wildcard src/regression_model_template/jobs/[!_]*.py)))
+
+docs: $(STAMP)  ## HTML API reference from the docstrings, into docs/api/ (open docs/api/index.html)
+	rm -rf $(DOCS)
+	$(BIN)/python -m pdoc --docformat google --output-directory $(DOCS) $(DOC_MODULES)
+
 bench: $(STAMP)  ## benchmarks against raw MLflow and loguru; writes benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .nox .mypy_cache .pytest_cache .ruff_cache $(DOCS)
