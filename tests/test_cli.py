@@ -15,6 +15,7 @@ import pytest
 from regression_model_template import cli, jobs
 from regression_model_template.containers import SECTIONS
 from regression_model_template.testing import clean_environ, free_port
+from tests.conftest import Receiver
 
 # Variables that would send alerts to a desktop instead of the console.
 DESKTOP = ("DBUS_SESSION_BUS_ADDRESS", "DISPLAY", "WAYLAND_DISPLAY")
@@ -167,8 +168,8 @@ def test_a_failing_job_exits_1_with_one_line(tmp_path: Path, _mlflow_template_st
     last = _last_line(result.stderr)
     assert re.fullmatch(r"error: job evaluation failed: MlflowException: .*not found", last), last
     assert "Traceback" not in last
-    # The alert went to the console (no desktop here), on one line.
-    alert = "[regression_model_template] evaluation failed: MlflowException: "
+    # The alert went to the console (no desktop here), on one line, as a failure.
+    alert = "[regression_model_template] FAILURE evaluation failed: MlflowException: "
     assert alert in result.stdout
 
 
@@ -306,3 +307,114 @@ def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
     assert process.wait(timeout=60) == 1
     assert "Traceback" not in stderr
     assert "BrokenPipeError" not in stderr
+
+
+# %% alerts to a person
+
+
+PASSWORD = "pa55w0rdXYZ"
+TOKEN = "T0KENabc123"
+
+
+def _alert_urls(receiver: Receiver) -> dict[str, str]:
+    """A webhook with a password, one with a token in its path, a dead one, a malformed one."""
+    return {
+        "password": f"json://alice:{PASSWORD}@127.0.0.1:{receiver.port}/hook",
+        "token": receiver.url("json", f"/hooks/{TOKEN}"),
+        "dead": f"json://127.0.0.1:{free_port()}/dead/{TOKEN}",
+        "malformed": f"slack://{TOKEN}",
+    }
+
+
+def test_a_failing_job_alerts_failure_to_the_webhook(
+    tmp_path: Path, _mlflow_template_store: Path, receiver: Receiver
+) -> None:
+    (tmp_path / "mlruns").mkdir()
+    shutil.copyfile(_mlflow_template_store, tmp_path / "mlruns" / "mlflow.db")
+
+    result = _cli(
+        tmp_path, "run", "evaluation", RMT_ALERTS__URLS=json.dumps([receiver.url("json")])
+    )
+
+    assert result.returncode == 1
+    [alert] = [request.json() for request in receiver.requests]
+    assert (alert["title"], alert["type"]) == ("evaluation failed", "failure")
+    assert alert["message"].startswith("MlflowException: ")
+    assert "FAILURE" not in result.stdout  # delivered: no console line
+
+
+def test_check_lists_the_channels_masked_and_check_alert_reports_each(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    urls = [receiver.url("json", f"/hooks/{TOKEN}"), f"json://127.0.0.1:{free_port()}/x"]
+    environ = {"RMT_ALERTS__URLS": json.dumps(urls)}
+
+    listed = _cli(tmp_path, "check", **environ)
+    sent = _cli(tmp_path, "check", "--alert", **environ)
+
+    alerts_line = next(line for line in listed.stdout.splitlines() if line.startswith("alerts"))
+    assert f"json://127.0.0.1:{receiver.port}/***" in alerts_line
+    assert listed.returncode == 0
+    assert len(receiver.requests) == 1  # only --alert sent one
+    assert sent.returncode == 1
+    alerts_line = next(line for line in sent.stdout.splitlines() if line.startswith("alerts"))
+    assert alerts_line.startswith("alerts  FAILED AlertsService.urls: not delivered: ")
+    assert f"json://127.0.0.1:{receiver.port}/***: delivered" in alerts_line
+    assert TOKEN not in listed.stdout + sent.stdout + listed.stderr + sent.stderr
+
+
+def test_alert_urls_never_appear_in_anything_the_process_writes(
+    tmp_path: Path, _mlflow_template_store: Path, receiver: Receiver
+) -> None:
+    # given alert URLs with a password and tokens, a log file at TRACE, and a job that fails
+    (tmp_path / "mlruns").mkdir()
+    shutil.copyfile(_mlflow_template_store, tmp_path / "mlruns" / "mlflow.db")
+    log = tmp_path / "job.log"
+    environ = {
+        "RMT_ALERTS__URLS": json.dumps(list(_alert_urls(receiver).values())),
+        "RMT_LOGGER__SINK": str(log),
+        "RMT_LOGGER__LEVEL": "TRACE",
+    }
+    # and, in a process of its own, standard logging at DEBUG: apprise's and urllib3's records
+    script = textwrap.dedent(
+        """
+        import logging, os
+        from regression_model_template.containers import Container, lifespan
+        logging.getLogger().setLevel(logging.DEBUG)
+        container = Container()
+        with lifespan(container):
+            alerts = container.alerts_service()
+            print(repr(alerts), alerts, alerts.channels)
+            alerts.notify("debug run", "to every channel", level="warning")
+        """
+    )
+
+    # when every command that touches the alerts runs
+    outputs = [
+        _cli(tmp_path, "config", "show", **environ),
+        _cli(tmp_path, "check", "--alert", **environ),
+        _cli(tmp_path, "run", "evaluation", **environ),
+        subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=tmp_path,
+            env=_environ(**environ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        ),
+    ]
+
+    # then the secrets are in none of them, nor in the log file, nor in the alerts sent
+    assert outputs[2].returncode == 1 and receiver.requests  # the job failed and alerted
+    assert "apprise" in log.read_text()  # apprise's DEBUG records did reach the log file
+    written = [o.stdout + o.stderr for o in outputs] + [log.read_text()]
+    written += [request.body.decode() for request in receiver.requests]
+    for secret in (PASSWORD, TOKEN):
+        leaks = [text for text in written if secret in text]
+        assert not leaks, (secret, [text[:2000] for text in leaks])
+    [urls_line] = [
+        line for line in outputs[0].stdout.splitlines() if line.startswith("alerts.urls")
+    ]
+    assert f'"json://127.0.0.1:{receiver.port}/***"' in urls_line  # shown masked, with its source
+    assert urls_line.endswith("# environment RMT_ALERTS__URLS")

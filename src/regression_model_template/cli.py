@@ -4,7 +4,7 @@ Commands:
     run JOB      run a job (training, evaluation) with the services started around it
     config show  the effective configuration, each value with its source, secrets masked
     config schema  the JSON schema of the configuration
-    check        start each service and report what works
+    check        start each service and report what works (--alert: send a test alert)
 
 Exit codes: 0 success, 1 a job or a check failed, 2 bad command-line input or configuration.
 
@@ -76,7 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     config_commands.add_parser("show", parents=[settings], help="effective values and sources")
     config_commands.add_parser("schema", help="JSON schema of the configuration")
 
-    commands.add_parser("check", parents=[settings], help="start each service, report, stop")
+    check = commands.add_parser("check", parents=[settings], help="start each service, report")
+    check.add_argument(
+        "--alert",
+        action="store_true",
+        help="also send a test alert to each alert channel and report delivered or failed",
+    )
     return parser
 
 
@@ -99,7 +104,7 @@ def main(argv: T.Sequence[str] | None = None) -> int:
         if args.command == "config":
             return _show(container)
         if args.command == "check":
-            return _check(container)
+            return _check(container, send_alert=args.alert)
         return _run(args.job, container)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -186,13 +191,15 @@ def _report(result: T.Any, container: Container) -> None:
         print(f"open the results: mlflow ui --backend-store-uri {uri}")
 
 
-def _check(container: Container) -> int:
+def _check(container: Container, send_alert: bool = False) -> int:
     """Start each service on its own and report; exit 1 when one cannot work."""
+    import functools
+
     from regression_model_template.io.services import Service, ServiceError
 
     checks: list[tuple[str, T.Callable[[], Service], T.Callable[[T.Any], str]]] = [
         ("logger", container.logger_service, _check_logger),
-        ("alerts", container.alerts_service, _check_alerts),
+        ("alerts", container.alerts_service, functools.partial(_check_alerts, send=send_alert)),
         ("mlflow", container.mlflow_service, _check_mlflow),
     ]
     failed = 0
@@ -212,10 +219,20 @@ def _check_logger(service: T.Any) -> str:
     return f"ok: writing to {service.sink}"
 
 
-def _check_alerts(service: T.Any) -> str:
-    if service.channel == "desktop":
-        return "ok: desktop notifications"
-    return "ok: alerts print to the console (no desktop notifications here)"
+def _check_alerts(service: T.Any, send: bool) -> str:
+    from regression_model_template.io.services import ServiceError
+
+    channels = service.channels
+    if channels == ["console"]:
+        return "ok: alerts print to the console (no desktop notifications, no alerts.urls)"
+    if not send:
+        return f"ok: alerts go to {', '.join(channels)} (check --alert sends a test alert)"
+    deliveries = service.probe(f"{PROG} check", "A test alert from `check --alert`.")
+    lines = [f"{d.channel}: {d.failure or 'delivered'}" for d in deliveries]
+    failed = [d.channel for d in deliveries if d.failure is not None]
+    if failed:
+        raise ServiceError("AlertsService", "urls", "not delivered: " + "; ".join(lines))
+    return "ok: test alert delivered to " + ", ".join(channels)
 
 
 def _check_mlflow(service: T.Any) -> str:

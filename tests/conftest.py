@@ -1,0 +1,68 @@
+"""Fixtures shared by the test folders."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+import typing as T
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+
+@dataclass
+class Request:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict[str, T.Any]:
+        return T.cast(dict[str, T.Any], json.loads(self.body))
+
+    def form(self) -> dict[str, str]:
+        return dict(urllib.parse.parse_qsl(self.body.decode()))
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver: records each POST; answers ``status`` after ``delay`` seconds."""
+
+    port: int
+    requests: list[Request] = field(default_factory=list)
+    status: int = 200
+    delay: float = 0.0
+    answered: threading.Event = field(default_factory=threading.Event)
+
+    def url(self, scheme: str = "json", path: str = "/hook") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver(port=0)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            state.requests.append(Request(self.path, dict(self.headers), body))
+            time.sleep(state.delay)
+            self.send_response(state.status)
+            self.end_headers()
+            self.wfile.write(b"{}")
+            state.answered.set()
+
+        def log_message(self, *args: T.Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
