@@ -80,7 +80,7 @@ def test_version_prints_the_installed_version(tmp_path: Path) -> None:
     assert result.stdout == f"regression-model-template {version('regression-model-template')}\n"
 
 
-def test_help_imports_neither_mlflow_nor_sklearn(tmp_path: Path) -> None:
+def test_help_imports_neither_mlflow_sklearn_nor_apprise(tmp_path: Path) -> None:
     code = textwrap.dedent(
         """
         import sys
@@ -89,7 +89,7 @@ def test_help_imports_neither_mlflow_nor_sklearn(tmp_path: Path) -> None:
             cli.main(["--help"])
         except SystemExit as exit:
             assert exit.code == 0, exit.code
-        heavy = sorted(m for m in ("mlflow", "sklearn") if m in sys.modules)
+        heavy = sorted(m for m in ("mlflow", "sklearn", "apprise") if m in sys.modules)
         assert not heavy, heavy
         print("light")
         """

@@ -134,7 +134,9 @@ def test_profile_by_name_from_the_environment() -> None:
     container = Container(environ=environ)
 
     assert container.logger_service().serialize is True
-    assert container.alerts_service().enable is False
+    # servers have no desktop: alerts go to the URLs of ALERT_URLS (none here: the console)
+    assert container.alerts_service().enable is True
+    assert container.alerts_service().urls == []
     settings = effective_config(container)
     assert settings["mlflow.tracking_uri"].value == "https://u:***@127.0.0.1:1"
     assert "s3cret" not in repr(settings)

@@ -226,10 +226,13 @@ def test_failing_job_ends_its_run_failed(mlflow_server: str, tmp_path: Path) -> 
     assert len(lines) == 1, explain(result)
     assert lines[0].startswith("error: job evaluation failed: "), explain(result)
     assert "missing_model" in lines[0]
-    assert "evaluation failed: " in result.stdout  # the alert, on the console
+    assert "FAILURE evaluation failed: " in result.stdout  # the alert, on the console
     assert '"exception": {"type": ' in result.stdout  # the traceback, in the JSON log
     run = only_run(client_for(mlflow_server), experiment)
     assert run.info.status == "FAILED"
+    # the alert links to the failed run in the server's UI
+    link = f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert link in result.stdout, explain(result)
     assert run.info.run_name == "evaluation"
     assert run.data.params["model_uri"] == "models:/missing_model@champion"
     assert not {"rmse", "mae", "r2"} & run.data.metrics.keys()

@@ -909,16 +909,20 @@ def run_config(name: str) -> MlflowService.RunConfig:
     return MlflowService.RunConfig(name=name, log_system_metrics=False)
 
 
-def test_importing_the_package_does_not_import_mlflow() -> None:
-    # given a fresh interpreter / when the package and the services module are imported
+def test_importing_the_package_does_not_import_mlflow_nor_apprise() -> None:
+    # given a fresh interpreter / when the package and the services module are imported, and
+    # alerts without URLs start and notify
     code = (
-        "import regression_model_template, regression_model_template.io.services, sys; "
-        "assert 'mlflow' not in sys.modules, 'mlflow was imported'"
+        "import regression_model_template, regression_model_template.io.services as s, sys\n"
+        "with s.AlertsService(enable=True) as alerts:\n"
+        "    alerts.notify('t', 'm')\n"
+        "heavy = [m for m in ('mlflow', 'apprise') if m in sys.modules]\n"
+        "assert not heavy, heavy"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
-    # then mlflow was not imported
+    # then neither mlflow nor apprise was imported
     assert result.returncode == 0, result.stderr
 
 
