@@ -4,11 +4,11 @@ Each service is a frozen, strict pydantic model (its settings) with ``start()`` 
 (its lifecycle); every service is also a context manager. Services never read the
 configuration or the container themselves: ``regression_model_template.containers`` builds
 them from the merged configuration and starts them in order. The machinery they use lives
-beside this module, one idea each: ``logs``, ``desktop``, ``stores``, ``tracking``, ``batching``,
-``masking`` and ``errors``.
+beside this module, one idea each: ``logs``, ``alert_channels`` and ``desktop``, ``stores``,
+``tracking`` and ``batching``, ``masking`` and ``errors``.
 
-Heavy dependencies (mlflow, plyer, requests) are imported when a service starts, not when
-this module is imported.
+Heavy dependencies (mlflow, plyer, apprise, requests) are imported when a service starts, not
+when this module is imported.
 
 Example:
     >>> with AlertsService(enable=False) as alerts:
