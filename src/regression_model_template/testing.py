@@ -3,7 +3,7 @@
 Installed with the package (entry point ``pytest11``), so any project that depends on
 ``regression-model-template`` gets these fixtures without a ``conftest.py``:
 
-- ``service_container``: a fresh, wired :class:`~regression_model_template.containers.Container`
+- ``service_container``: a fresh, wired :class:`regression_model_template.containers.Container`
   per test: MLflow on a SQLite store under ``tmp_path``, alerts recorded instead of shown,
   logs written to ``tmp_path/logs/job.log``. Unwired and shut down after the test.
 - ``alerts_outbox``: the alerts sent during the test, in order, as

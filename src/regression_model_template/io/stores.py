@@ -1,8 +1,8 @@
 """Tracking and registry stores: their URIs, local folders, reachability and MLflow's globals.
 
 MlflowService checks every URI here before MLflow sees it: a malformed URI (an unclosed IPv6
-bracket, a port that is not a number) is a :class:`~regression_model_template.io.errors.ServiceError` naming the setting, never a
-bare ``ValueError`` from deep inside a dependency, and never a message carrying credentials.
+bracket, a port that is not a number) is a :class:`.errors.ServiceError` naming the setting,
+never a bare ``ValueError`` from deep inside a dependency, nor a message carrying credentials.
 
 Example:
     >>> check_uri("tracking_uri", "http://[::1")

@@ -123,7 +123,7 @@ class TrackingSession:
             registry_uri: the model registry.
             experiment_name: created (beside a SQLite store) or selected.
             autolog: ``mlflow.autolog``'s arguments.
-            writer: the :class:`~regression_model_template.io.batching.BatchWriter`'s options.
+            writer: the :class:`.batching.BatchWriter`'s options.
             errors: turns a dependency's exception into a ServiceError (setting, what).
             store: the tracking store, credentials masked, for messages.
 
