@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _private_spool(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each test's services spool into a folder of their own, never the user's cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 @dataclass
 class Request:
     path: str

@@ -4,8 +4,9 @@ Installed with the package (entry point ``pytest11``), so any project that depen
 ``regression-model-template`` gets these fixtures without a ``conftest.py``:
 
 - ``service_container``: a fresh, wired :class:`regression_model_template.containers.Container`
-  per test: MLflow on a SQLite store under ``tmp_path``, alerts recorded instead of shown,
-  logs written to ``tmp_path/logs/job.log``. Unwired and shut down after the test.
+  per test: MLflow on a SQLite store under ``tmp_path`` (spool in ``tmp_path/spool``), alerts
+  recorded instead of shown, logs written to ``tmp_path/logs/job.log``. Unwired and shut down
+  after the test.
 - ``alerts_outbox``: the alerts sent during the test, in order, as
   ``Alert(title, message, level)``.
 - ``logger_caplog``: loguru records in pytest's ``caplog``.
@@ -159,7 +160,11 @@ def service_container(
     container = Container(
         config={
             "logger": {"sink": str(tmp_path / "logs" / "job.log"), "colorize": False},
-            "mlflow": {"tracking_uri": mlflow_store, "experiment_name": "tests"},
+            "mlflow": {
+                "tracking_uri": mlflow_store,
+                "experiment_name": "tests",
+                "spool_dir": str(tmp_path / "spool"),
+            },
         },
         profile=False,
         environ={},

@@ -114,10 +114,10 @@ def test_stop_writes_what_is_buffered(mlflow_store: str) -> None:
     assert _history(client, run_id, "loss") == [(0, 1.0)]
 
 
-def test_memory_stays_bounded_the_caller_waits(mlflow_store: str) -> None:
+def test_memory_stays_bounded_however_long_the_backlog(mlflow_store: str, tmp_path: Path) -> None:
     client = MlflowClient(mlflow_store)
     run_id = client.create_run(client.create_experiment("bounded")).info.run_id
-    writer = BatchWriter(client, max_pending=1000, interval=10)
+    writer = BatchWriter(client, tmp_path, interval=10)
     most = 0
     for step in range(1500):
         writer.log_metrics(run_id, {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0, "e": 5.0}, step=step)
@@ -128,9 +128,9 @@ def test_memory_stays_bounded_the_caller_waits(mlflow_store: str) -> None:
     assert len(client.get_metric_history(run_id, "e")) == 1500
 
 
-def test_a_failing_write_is_retried_then_reported(mlflow_store: str) -> None:
+def test_a_failing_write_is_retried_then_reported(mlflow_store: str, tmp_path: Path) -> None:
     client = MlflowClient(mlflow_store)
-    writer = BatchWriter(client, retries=2, backoff=0.01)
+    writer = BatchWriter(client, tmp_path, retries=2, backoff=0.01)
 
     writer.log_metrics("no-such-run", {"loss": 1.0})
     with pytest.raises(WriteError, match=r"1 values could not be written .* after 3 attempts"):
@@ -139,11 +139,13 @@ def test_a_failing_write_is_retried_then_reported(mlflow_store: str) -> None:
         writer.log_metrics("no-such-run", {"loss": 2.0})
 
 
-def test_a_transient_failure_is_retried_and_nothing_is_lost(mlflow_store: str) -> None:
+def test_a_transient_failure_is_retried_and_nothing_is_lost(
+    mlflow_store: str, tmp_path: Path
+) -> None:
     client = MlflowClient(mlflow_store)
     run_id = client.create_run(client.create_experiment("transient")).info.run_id
     client.delete_run(run_id)  # writes to a deleted run fail ...
-    writer = BatchWriter(client, retries=3, backoff=2.0)
+    writer = BatchWriter(client, tmp_path, retries=3, backoff=2.0)
     writer.log_metrics(run_id, {"loss": 1.0})
     flushing = threading.Thread(target=writer.flush)  # first attempt now, retry after 2 s
     flushing.start()

@@ -1,9 +1,18 @@
-"""Fast, lossless metric logging: an in-memory buffer written by a background thread.
+"""Fast, crash-proof metric logging: values spooled to disk, shipped by a background thread.
 
 ``mlflow.log_metric`` costs one round trip per value (~5 ms on SQLite, ~57 ms over HTTP);
-``MlflowClient.log_batch`` writes up to 1,000 values per call. :class:`BatchWriter` lets the
-caller append values in microseconds and writes them in batches, and it never loses a value
-silently: a write that keeps failing is reported by the next call (and by ``flush``).
+``MlflowClient.log_batch`` writes up to 1,000 values per call. :class:`BatchWriter` appends
+each call's values to the run's spool (:mod:`.spool`) in microseconds and returns; a background
+thread reads the spool and writes it with ``log_batch``, then records what the store
+acknowledged. Memory holds at most one batch, however long the backlog.
+
+- A killed process loses nothing: the values are the kernel's, and the next start (or
+  ``regression-model-template recover``) sends them.
+- An unreachable store stalls nobody: the backlog grows on disk, the writer retries with capped
+  backoff for as long as it takes, and says once that the store is unreachable, and again when
+  it is back.
+- Values the store *refuses* (a changed parameter, a deleted run) are retried ``retries`` times,
+  then every later call raises :class:`WriteError`; they stay in the spool.
 
 ``MlflowService`` owns one writer between ``start()`` and ``stop()``; use it through
 ``MlflowService.log_metrics`` / ``log_params``.
@@ -12,29 +21,43 @@ silently: a write that keeps failing is reported by the next call (and by ``flus
 from __future__ import annotations
 
 import atexit
+import functools
 import threading
 import time
 import typing as T
 import weakref
+from pathlib import Path
+
+from loguru import logger
 
 from regression_model_template.io.errors import ServiceError
 from regression_model_template.io.masking import RedactedError
+from regression_model_template.io.spool import RunSpool, read_records
 
 if T.TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-__all__ = ["BatchWriter", "WriteError"]
+__all__ = ["BatchWriter", "StoreUnreachable", "WriteError", "is_refusal"]
 
 # MLflow's limits for one log_batch call.
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 
-_Metric = tuple[str, str, float, int, int]  # run_id, key, value, timestamp (ms), step
-_Param = tuple[str, str, str]  # run_id, key, value
+# Errors by which a store refuses the values themselves: sending them again cannot help.
+_REFUSALS = frozenset(
+    {
+        "BAD_REQUEST",
+        "INVALID_PARAMETER_VALUE",
+        "INVALID_STATE",
+        "PERMISSION_DENIED",
+        "RESOURCE_DOES_NOT_EXIST",
+        "UNAUTHENTICATED",
+    }
+)
 
 
 class WriteError(ServiceError):
-    """Values could not be written to the tracking store after every retry.
+    """Values could not be written to the tracking store; they are kept in the spool.
 
     Example:
         >>> str(WriteError("3 values not written"))
@@ -45,29 +68,50 @@ class WriteError(ServiceError):
         super().__init__("MlflowService", "tracking_uri", cause)
 
 
-class BatchWriter:
-    """Buffer metrics and params per run; write them with ``log_batch`` in the background.
+class StoreUnreachable(WriteError):
+    """The store did not take the values in time; they are safe in the spool, to be sent later.
 
-    Values are written when ``batch_size`` of them are waiting, when ``interval`` seconds have
-    passed, or on ``flush()``. When ``max_pending`` values are waiting, callers block until the
-    writer catches up: memory stays bounded. A failed write is retried ``retries`` times with
-    growing pauses; then the writer stops and every later call raises :class:`WriteError`
-    saying how many values were not written.
+    Example:
+        >>> isinstance(StoreUnreachable("12 values not written within 60 s"), WriteError)
+        True
+    """
+
+
+def is_refusal(error: BaseException) -> bool:
+    """Whether ``error`` is the store refusing the values (not the store being unreachable)."""
+    return getattr(error, "error_code", None) in _REFUSALS
+
+
+class _Batch(T.NamedTuple):
+    metrics: list[T.Any]
+    params: list[T.Any]
+    end: int  # spool offset after the batch
+    values: int
+
+
+class BatchWriter:
+    """Spool values per run; write them with ``log_batch`` in the background.
 
     Args:
         client: the client that writes.
+        spool_dir: where each run's spool folder goes.
+        store: the tracking store, credentials masked (recorded in each spool).
         interval: seconds a value may wait before it is written.
-        max_pending: values held in memory at most before callers wait.
-        retries: retries of a failed write before giving up.
-        backoff: pause before the first retry, in seconds (doubled for each next one).
+        retries: retries of a batch the store refuses, before giving up.
+        backoff: pause before the first retry, in seconds (doubled each time, up to
+            ``max_backoff``).
+        max_backoff: the longest pause between two attempts while the store is unreachable.
         redact: masks secrets in error messages (``MlflowService.redact``).
+
+    Raises:
+        ServiceError: a run's spool folder cannot be created or written (``mlflow.spool_dir``).
 
     Example:
         >>> import tempfile
         >>> from mlflow.tracking import MlflowClient
         >>> client = MlflowClient(f"sqlite:///{tempfile.mkdtemp()}/m.db")
         >>> run_id = client.create_run("0").info.run_id
-        >>> writer = BatchWriter(client)
+        >>> writer = BatchWriter(client, Path(tempfile.mkdtemp()))
         >>> for step in range(3):
         ...     writer.log_metrics(run_id, {"loss": 1.0 / (step + 1)}, step=step)
         >>> writer.close()
@@ -78,119 +122,175 @@ class BatchWriter:
     def __init__(
         self,
         client: MlflowClient,
+        spool_dir: Path,
         *,
+        store: str = "",
         interval: float = 1.0,
-        max_pending: int = 100_000,
         retries: int = 3,
         backoff: float = 0.5,
+        max_backoff: float = 10.0,
         redact: T.Callable[[str], str] = str,
     ) -> None:
         self._client = client
+        self.spool_dir = Path(spool_dir)
+        self._store = store
         self._interval = interval
-        self._max_pending = max(max_pending, MAX_METRICS_PER_BATCH)
         self._retries = retries
         self._backoff = backoff
+        self._max_backoff = max_backoff
         self._redact = redact
         self._lock = threading.Condition()
-        self._metrics: list[_Metric] = []
-        self._params: list[_Param] = []
+        self._spools: dict[str, RunSpool] = {}
+        self._owned: set[str] = set()  # runs released by finish_run, not by close
         self._queued = 0  # values accepted so far
-        self._written = 0  # values written so far
+        self._written = 0  # values the store acknowledged so far
+        self._held = 0  # values read from a spool, not yet acknowledged
         self._urgent = False  # a flush is waiting: write now
-        self._closed = False
+        self._kick = False  # a batch's worth is waiting: write now
+        self._closed = False  # no more values
+        self._abandoned = False  # closed with values the store did not take: leave them
         self._error: WriteError | None = None
         self._reported = False  # the error has reached a caller: close() need not repeat it
+        self._unreachable: str | None = None  # why the store cannot be reached, while it cannot
         self._thread = threading.Thread(target=self._run, name="mlflow-batch-writer", daemon=True)
         self._thread.start()
         _open_writers.add(self)
+        _register_exit_hook()
 
     # -- caller side
+
+    def open_run(self, run_id: str, owned: bool = True) -> RunSpool:
+        """Create the spool of ``run_id`` (done by the first value logged to it otherwise).
+
+        ``owned``: the caller ends the run and releases its spool with :meth:`finish_run`;
+        otherwise :meth:`close` releases it.
+        """
+        with self._lock:
+            if owned:
+                self._owned.add(run_id)
+            spool = self._spools.get(run_id)
+            if spool is None:
+                try:
+                    spool = RunSpool.create(self.spool_dir, run_id, self._store)
+                except OSError as exc:
+                    raise ServiceError(
+                        "MlflowService",
+                        "spool_dir",
+                        f"cannot write the spool of run {run_id} in {self.spool_dir}: {exc}",
+                    ) from exc
+                self._spools[run_id] = spool
+            return spool
 
     def log_metrics(
         self, run_id: str, metrics: T.Mapping[str, float], step: int | None = None
     ) -> None:
-        """Queue metric values for ``run_id`` (timestamped now, at ``step`` or 0)."""
+        """Spool metric values for ``run_id`` (timestamped now, at ``step`` or 0)."""
         timestamp = int(time.time() * 1000)
         step = step or 0
-        rows = [(run_id, key, float(value), timestamp, step) for key, value in metrics.items()]
-        with self._lock:
-            self._admit()
-            self._metrics.extend(rows)
-            self._queued += len(rows)
-            if len(self._metrics) >= MAX_METRICS_PER_BATCH:
-                self._lock.notify_all()
+        rows = [[key, float(value), timestamp, step] for key, value in metrics.items()]
+        self._append(run_id, {"m": rows}, len(rows))
 
     def log_params(self, run_id: str, params: T.Mapping[str, T.Any]) -> None:
-        """Queue parameters for ``run_id`` (values are written as text, like MLflow does)."""
-        rows = [(run_id, key, str(value)) for key, value in params.items()]
-        with self._lock:
-            self._admit()
-            self._params.extend(rows)
-            self._queued += len(rows)
+        """Spool parameters for ``run_id`` (values are written as text, like MLflow does)."""
+        rows = [[key, str(value)] for key, value in params.items()]
+        self._append(run_id, {"p": rows}, len(rows))
+
+    def end_run(self, run_id: str, status: str) -> None:
+        """Record the status the run ends with (``recover`` applies it if the process dies)."""
+        self._append(run_id, {"end": status}, 0)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Write everything queued so far; return when it is stored.
+        """Write everything spooled so far; return when the store has acknowledged it.
 
         Raises:
-            WriteError: some values could not be written, or ``timeout`` passed first.
+            WriteError: the store refused values, or ``timeout`` passed first (the values are
+                still in the spool).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            target = self._queued
+            targets = {run_id: spool.written for run_id, spool in self._spools.items()}
             self._urgent = True
             self._lock.notify_all()
-            while self._written < target:
+            while any(
+                self._spools[r].sent < end for r, end in targets.items() if r in self._spools
+            ):
                 if self._error is not None:
                     raise self._failure()
                 if not self._thread.is_alive():
-                    raise WriteError(f"{target - self._written} values not written: writer stopped")
+                    raise WriteError(f"{self._waiting()} values not written: writer stopped")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise WriteError(
-                        f"{target - self._written} values not written within {timeout:g} s"
+                    cause = f": {self._unreachable}" if self._unreachable else ""
+                    raise StoreUnreachable(
+                        f"{self._waiting()} values not written within {timeout:g} s{cause}"
                     )
-                self._lock.wait(remaining if remaining is not None else 1.0)
+                self._lock.wait(min(remaining, 1.0) if remaining is not None else 1.0)
             if self._error is not None:
                 raise self._failure()
 
+    def finish_run(self, run_id: str, keep: bool = False, discard: bool = False) -> Path | None:
+        """Release the run's spool: deleted when the store has it all, else kept for ``recover``.
+
+        ``keep``: keep it all the same (the run's end did not reach the store); ``discard``:
+        delete it all the same (the store refused its values, and the caller was told).
+        Returns the folder kept, or None.
+        """
+        with self._lock:
+            spool = self._spools.pop(run_id, None)
+            self._owned.discard(run_id)
+        if spool is None:
+            return None
+        remove = discard or (spool.sent >= spool.written and not keep)
+        spool.close(remove=remove)
+        return None if remove else spool.folder
+
     def close(self, timeout: float | None = None) -> None:
-        """Flush, then stop the background thread. Closing twice is harmless.
+        """Flush, stop the background thread, release the spools. Closing twice is harmless.
 
         Raises:
-            WriteError: values could not be written, unless a caller was already told.
+            WriteError: values could not be written (they stay in the spool), unless a caller
+                was already told.
         """
         try:
             if not self._closed and not self._reported:
                 self.flush(timeout)
         finally:
             with self._lock:
-                self._closed = True
+                self._closed = self._abandoned = True  # what is left stays in the spool
                 self._lock.notify_all()
-            self._thread.join(timeout)
+            self._thread.join(1.0)
+            for run_id in [r for r in list(self._spools) if r not in self._owned]:
+                self.finish_run(run_id)
             _open_writers.discard(self)
 
     @property
     def pending(self) -> int:
-        """Values accepted but not written yet."""
+        """Values accepted but not acknowledged by the store yet (in the spool)."""
         with self._lock:
             return self._queued - self._written
 
     @property
     def buffered(self) -> int:
-        """Values waiting in memory for the writer (bounded by ``max_pending``)."""
+        """Values held in memory by the writer (at most one batch)."""
         with self._lock:
-            return len(self._metrics) + len(self._params)
+            return self._held
 
-    def _admit(self) -> None:
-        """Raise a stored failure; wait while the buffer is full (called with the lock)."""
+    def _append(self, run_id: str, record: dict[str, T.Any], count: int) -> None:
+        spool = self._spools.get(run_id) or self.open_run(run_id, owned=False)
         if self._closed:
             raise WriteError("the metric writer is closed: log inside a started MlflowService")
-        while self._error is None and len(self._metrics) + len(self._params) >= self._max_pending:
-            self._urgent = True
-            self._lock.notify_all()
-            self._lock.wait(1.0)
         if self._error is not None:
-            raise self._failure()
+            with self._lock:
+                raise self._failure()
+        spool.append(record)
+        with self._lock:
+            self._queued += count
+            if not self._kick and self._queued - self._written >= MAX_METRICS_PER_BATCH:
+                self._kick = True
+                self._lock.notify_all()
+
+    def _waiting(self) -> int:
+        return self._queued - self._written
 
     def _failure(self) -> WriteError:
         assert self._error is not None
@@ -202,70 +302,129 @@ class BatchWriter:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not (self._metrics or self._params or self._closed):
-                    self._lock.wait()
-                if self._closed and not (self._metrics or self._params):
-                    return
                 deadline = time.monotonic() + self._interval
-                while (
-                    len(self._metrics) < MAX_METRICS_PER_BATCH
-                    and not self._urgent
-                    and not self._closed
-                    and (remaining := deadline - time.monotonic()) > 0
-                ):
+                while not (self._closed or self._urgent or self._kick):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        if self._behind():
+                            break
+                        deadline, remaining = time.monotonic() + self._interval, self._interval
                     self._lock.wait(remaining)
-                metrics, self._metrics = self._metrics, []
-                params, self._params = self._params, []
-                self._urgent = False
+                if self._abandoned or (self._closed and not self._behind()):
+                    return
+                self._urgent = self._kick = False
+                spools = list(self._spools.values())
             try:
-                self._write(metrics, params)
+                for spool in spools:
+                    self._ship(spool)
             except WriteError as error:
                 with self._lock:
                     self._error = error
                     self._lock.notify_all()
                 return
+            except _Abandoned:
+                return
+
+    def _behind(self) -> bool:
+        return any(spool.sent < spool.written for spool in self._spools.values())
+
+    def _ship(self, spool: RunSpool) -> None:
+        """Send what ``spool`` holds beyond what the store acknowledged, batch by batch."""
+        while spool.sent < spool.written:
+            batch = _read_batch(spool, spool.written)
+            if batch.end <= spool.sent:
+                return
             with self._lock:
-                self._written += len(metrics) + len(params)
+                self._held = batch.values
+            self._send(spool, batch)
+            spool.mark_sent(batch.end)
+            with self._lock:
+                self._held = 0
+                self._written += batch.values
                 self._lock.notify_all()
 
-    def _write(self, metrics: list[_Metric], params: list[_Param]) -> None:
+    def _send(self, spool: RunSpool, batch: _Batch) -> None:
         from mlflow.entities import Metric, Param
 
-        by_run: dict[str, tuple[list[Metric], list[Param]]] = {}
-        for run_id, key, value, timestamp, step in metrics:
-            by_run.setdefault(run_id, ([], []))[0].append(Metric(key, value, timestamp, step))
-        for run_id, key, text in params:
-            by_run.setdefault(run_id, ([], []))[1].append(Param(key, text))
-        for run_id, (run_metrics, run_params) in by_run.items():
-            for start in range(0, len(run_params), MAX_PARAMS_PER_BATCH):
-                self._send(run_id, [], run_params[start : start + MAX_PARAMS_PER_BATCH])
-            for start in range(0, len(run_metrics), MAX_METRICS_PER_BATCH):
-                self._send(run_id, run_metrics[start : start + MAX_METRICS_PER_BATCH], [])
-
-    def _send(self, run_id: str, metrics: list[T.Any], params: list[T.Any]) -> None:
-        pause = self._backoff
-        for attempt in range(self._retries + 1):
+        metrics = [
+            Metric(key, value, timestamp, step) for key, value, timestamp, step in batch.metrics
+        ]
+        params = [Param(key, text) for key, text in batch.params]
+        pause, refusals = self._backoff, 0
+        while True:
             try:
-                self._client.log_batch(run_id, metrics=metrics, params=params, synchronous=True)
-                return
+                for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
+                    chunk = params[start : start + MAX_PARAMS_PER_BATCH]
+                    self._client.log_batch(spool.run_id, params=chunk, synchronous=True)
+                if metrics or not params:
+                    self._client.log_batch(spool.run_id, metrics=metrics, synchronous=True)
             except Exception as exc:
-                if attempt == self._retries:
-                    count = len(metrics) + len(params)
-                    cause = self._redact(f"{type(exc).__name__}: {exc}")
-                    raise WriteError(
-                        f"{count} values could not be written to run {run_id} after "
-                        f"{self._retries + 1} attempts: {cause}"
-                    ) from RedactedError(cause)
-                time.sleep(pause)
-                pause *= 2
+                cause = self._redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
+                if is_refusal(exc):
+                    refusals += 1
+                    if refusals > self._retries:
+                        raise WriteError(
+                            f"{batch.values} values could not be written to run {spool.run_id} "
+                            f"after {refusals} attempts: {cause} (kept in {spool.folder})"
+                        ) from RedactedError(cause)
+                else:
+                    self._note_unreachable(cause)
+                with self._lock:
+                    if not self._abandoned:
+                        self._lock.wait(pause)  # woken early by close()
+                    if self._abandoned:
+                        raise _Abandoned() from None
+                pause = min(pause * 2, self._max_backoff)
+                continue
+            if self._unreachable is not None:
+                self._unreachable = None
+                logger.info("The tracking store is reachable again: sending the spooled values")
+            return
+
+    def _note_unreachable(self, cause: str) -> None:
+        if self._unreachable is None:
+            self._unreachable = cause
+            logger.warning(
+                "The tracking store cannot be reached ({}): {} values wait in the spool {}; "
+                "retrying until it is back",
+                cause,
+                self._waiting(),
+                self.spool_dir,
+            )
+
+
+class _Abandoned(Exception):
+    """The writer was closed while the store could not be reached: the spool keeps the rest."""
+
+
+def _read_batch(spool: RunSpool, until: int) -> _Batch:
+    """Read up to one batch of records from ``spool`` after what the store acknowledged."""
+    metrics: list[T.Any] = []
+    params: list[T.Any] = []
+    end = spool.sent
+    for offset, record in read_records(spool.folder, spool.sent):
+        if offset > until:
+            break
+        metrics.extend(record.get("m", ()))
+        params.extend(record.get("p", ()))
+        end = offset
+        if len(metrics) >= MAX_METRICS_PER_BATCH or len(params) >= MAX_PARAMS_PER_BATCH * 10:
+            break
+    return _Batch(metrics, params, end, values=len(metrics) + len(params))
 
 
 _open_writers: weakref.WeakSet[BatchWriter] = weakref.WeakSet()
 
 
-@atexit.register
+@functools.cache
+def _register_exit_hook() -> None:
+    # Registered by the first writer, after mlflow is imported: exit hooks run last-registered
+    # first, so the spool is flushed before MLflow's own hook ends the runs.
+    atexit.register(_flush_at_exit)
+
+
 def _flush_at_exit() -> None:
-    """At interpreter exit, write what is still buffered (MLflow's exit hook ends runs later)."""
+    """At interpreter exit, write what is spooled (MLflow's exit hook ends runs later)."""
     for writer in list(_open_writers):
         try:
             writer.close(timeout=60)

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 import threading
 import types
 import typing as T
+from pathlib import Path
 
 import loguru
 import pydantic
 from loguru import logger as _logger
 
-from regression_model_template.io import alert_channels, logs, stores, tracking
+from regression_model_template.io import alert_channels, logs, recovery, spool, stores, tracking
 from regression_model_template.io.errors import ServiceError, translated_errors
 from regression_model_template.io.masking import RedactedError, mask_uri, redact, uri_secrets
 
@@ -333,10 +335,15 @@ class MlflowService(Service):
         connect_timeout: seconds ``start()`` waits for an HTTP tracking server to answer before
             failing (MLflow's own retries would take minutes).
         flush_interval: seconds a value logged with ``log_metrics``/``log_params`` may wait in
-            the buffer before it is written.
-        max_pending: values the buffer holds at most; beyond, ``log_metrics`` waits for the
-            writer (memory stays bounded).
-        write_retries: retries of a failed batch write before the job fails.
+            the spool before it is written.
+        spool_dir: where each run's values are spooled before they are written (None: the
+            per-user cache folder, ``~/.cache/regression_model_template/spool`` on Linux).
+            What a killed process left there is sent at the next ``start()`` or by
+            ``regression-model-template recover``.
+        end_timeout: seconds the end of a run waits for the store to take the run's last
+            values; past it they stay in the spool and ``run_context`` raises ``ServiceError``.
+        write_retries: retries of values the store refuses (not of an unreachable store,
+            which is retried for as long as it takes) before the job fails.
         autolog_disable: turn MLflow's autologging off.
         autolog_disable_for_unsupported_versions: skip autolog for untested library versions.
         autolog_exclusive: autolog only into runs that autolog creates itself.
@@ -386,7 +393,8 @@ class MlflowService(Service):
     registry_name: str = "regression_model_template"
     connect_timeout: float = pydantic.Field(default=10.0, gt=0)
     flush_interval: float = pydantic.Field(default=1.0, gt=0)
-    max_pending: int = pydantic.Field(default=100_000, ge=1000)
+    spool_dir: str | None = pydantic.Field(default=None, min_length=1)
+    end_timeout: float = pydantic.Field(default=60.0, gt=0)
     write_retries: int = pydantic.Field(default=3, ge=0)
     autolog_disable: bool = False
     autolog_disable_for_unsupported_versions: bool = False
@@ -438,6 +446,10 @@ class MlflowService(Service):
         import mlflow  # noqa: F401 -- it gives its loggers their own handlers: take them over
 
         logs.stdlib_bridge.adopt()
+        spool_dir = self._spool_dir()
+        for report in self.recover():  # what killed processes left for this store
+            log = _logger.warning if report.waiting or report.damage else _logger.info
+            log("Recovered from the spool: {}", report.summary())
         settings = self.model_dump()
         self._session = tracking.TrackingSession.open(
             self.tracking_uri,
@@ -445,13 +457,14 @@ class MlflowService(Service):
             experiment_name=self.experiment_name,
             autolog={k[len("autolog_") :]: v for k, v in settings.items() if "autolog_" in k},
             writer={
+                "spool_dir": spool_dir,
                 "interval": self.flush_interval,
-                "max_pending": self.max_pending,
                 "retries": self.write_retries,
-                "redact": self.redact,
             },
+            redact=self.redact,
             errors=self._errors,
             store=self._masked(),
+            end_timeout=self.end_timeout,
         )
 
     def stop(self) -> None:
@@ -558,6 +571,29 @@ class MlflowService(Service):
             return None
         return stores.run_link(self.tracking_uri, self._session.experiment_id, run_id)
 
+    def recover(self) -> list[recovery.Recovered]:
+        """Send what killed processes left in the spool for this store; end their runs.
+
+        Each run is ended with the status it recorded, or KILLED when its process died in the
+        middle of it. Runs of live processes and of other stores are not touched.
+
+        Raises:
+            ServiceError: the spool folder cannot be created (``mlflow.spool_dir``).
+
+        Example:
+            >>> import tempfile
+            >>> folder = tempfile.mkdtemp()
+            >>> service = MlflowService(tracking_uri=f"sqlite:///{folder}/m.db", spool_dir=folder)
+            >>> service.recover()
+            []
+        """
+        folder = self._spool_dir()
+        if not spool.spooled_runs(folder):
+            return []
+        with self._errors("tracking_uri", f"cannot use the tracking store {self._masked()}"):
+            client = self.client()
+        return recovery.recover(folder, self._masked(), client, self.redact)
+
     def redact(self, text: str) -> str:
         """Return ``text`` with the credentials of this service's URIs replaced by ``***``.
 
@@ -582,6 +618,20 @@ class MlflowService(Service):
         for setting, uri in uris.items():
             stores.check_uri(setting, uri)
         stores.ensure_folders(uris)
+
+    def _spool_dir(self) -> Path:
+        """The spool folder, created (user only) and checked writable."""
+        folder = Path(self.spool_dir) if self.spool_dir else spool.default_spool_dir()
+        probe = folder / f".probe-{os.getpid()}"
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise ServiceError(
+                "MlflowService", "spool_dir", f"cannot write the spool folder {folder}: {exc}"
+            ) from exc
+        return folder
 
     def _started(self) -> tracking.TrackingSession:
         if self._session is None:

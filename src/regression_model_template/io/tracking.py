@@ -18,7 +18,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 import types
 import typing as T
@@ -26,6 +28,7 @@ import typing as T
 from loguru import logger
 
 from regression_model_template.io import stores
+from regression_model_template.io.batching import StoreUnreachable
 from regression_model_template.io.errors import ServiceError
 
 if T.TYPE_CHECKING:
@@ -94,12 +97,18 @@ class TrackingSession:
     """
 
     def __init__(
-        self, writer: BatchWriter, errors: Errors, restore: contextlib.ExitStack, store: str
+        self,
+        writer: BatchWriter,
+        errors: Errors,
+        restore: contextlib.ExitStack,
+        store: str,
+        end_timeout: float = 60.0,
     ) -> None:
         self.writer = writer
         self._errors = errors
         self._restore = restore
         self._store = store
+        self._end_timeout = end_timeout
         self._open: list[str] = []
         self.experiment_id = ""  # the experiment runs are started in
         self.last_run_id: str | None = None  # the run started most recently
@@ -113,8 +122,10 @@ class TrackingSession:
         experiment_name: str,
         autolog: T.Mapping[str, T.Any],
         writer: T.Mapping[str, T.Any],
+        redact: T.Callable[[str], str],
         errors: Errors,
         store: str,
+        end_timeout: float = 60.0,
     ) -> TrackingSession:
         """Point MLflow's globals at the stores, select the experiment, set autolog.
 
@@ -124,8 +135,10 @@ class TrackingSession:
             experiment_name: created (beside a SQLite store) or selected.
             autolog: ``mlflow.autolog``'s arguments.
             writer: the :class:`.batching.BatchWriter`'s options.
+            redact: masks the store's credentials in messages.
             errors: turns a dependency's exception into a ServiceError (setting, what).
             store: the tracking store, credentials masked, for messages.
+            end_timeout: seconds the end of a run waits for the store to take its values.
 
         Raises:
             ServiceError: MLflow refused a store or the autolog settings; nothing is left
@@ -148,7 +161,8 @@ class TrackingSession:
             # Imported after mlflow: its exit hook then flushes before MLflow ends runs.
             from regression_model_template.io.batching import BatchWriter
 
-            session = cls(BatchWriter(client, **writer), errors, restore.pop_all(), store)
+            batch_writer = BatchWriter(client, store=store, redact=redact, **writer)
+            session = cls(batch_writer, errors, restore.pop_all(), store, end_timeout)
             session.experiment_id = experiment.experiment_id
             return session
 
@@ -161,6 +175,12 @@ class TrackingSession:
             run = mlflow.start_run(nested=mlflow.active_run() is not None, **start_run)
         self._open.append(run.info.run_id)
         self.last_run_id = run.info.run_id
+        try:
+            self.writer.open_run(run.info.run_id)
+        except ServiceError:
+            mlflow.end_run("FAILED")
+            self._open.remove(run.info.run_id)
+            raise
         try:
             yield run
         except BaseException as error:
@@ -180,44 +200,88 @@ class TrackingSession:
         raise ServiceError("MlflowService", "run", "no active run: log inside run_context()")
 
     def close(self) -> None:
-        """Write buffered values, end runs left open KILLED, restore the process's state.
+        """Write spooled values, end runs left open KILLED, restore the process's state.
 
         Raises:
-            ServiceError: buffered values could not be written (after every retry).
+            ServiceError: values could not be written (they are kept in the spool).
         """
+        for run_id in self._open:
+            self.writer.end_run(run_id, "KILLED")
+        reached = False
         try:
-            self.writer.close()
+            self.writer.close(self._end_timeout)
+            reached = True
         finally:
             try:
                 while self._open:
                     run_id = self._open.pop()
-                    if self._end(run_id, "KILLED"):
+                    ended = self._end(run_id, "KILLED", quick=not reached)
+                    if ended:
                         logger.warning("Ended run {} left open at stop: KILLED", run_id)
+                    self.writer.finish_run(run_id, keep=not ended)
             finally:
                 self._restore.close()
 
     def _finish(self, run_id: str, status: str, error: BaseException | None) -> None:
-        """Write the run's buffered values, then end it; a failed write makes it FAILED."""
+        """Record the end, write the run's values, then end it in the store.
+
+        A value the store refuses makes the run FAILED. A store that does not take the values
+        within ``end_timeout`` leaves them and the status in the spool, for ``recover``.
+        """
         if run_id not in self._open:
             return  # close() inside the block already ended it
         self._open.remove(run_id)
+        problem: ServiceError | None = None
         try:
-            self.writer.flush()
-        except ServiceError as write_error:
+            self.writer.end_run(run_id, status)
+            self.writer.flush(self._end_timeout)
+        except StoreUnreachable as unreachable:
+            self._end(run_id, status, quick=True)
+            folder = self.writer.finish_run(run_id, keep=True)
+            problem = ServiceError(
+                "MlflowService",
+                "end_timeout",
+                f"run {run_id} ended {status}, but the tracking store did not take its last "
+                f"values within {self._end_timeout:g} s ({unreachable.cause}). They and the "
+                f"status wait in {folder}: send them with `regression-model-template recover`",
+            )
+        except ServiceError as refused:  # the store refused values: the caller is told here
             self._end(run_id, "FAILED" if status == "FINISHED" else status)
+            self.writer.finish_run(run_id, discard=True)
+            problem = refused
+        else:
+            try:
+                self._end(run_id, status)
+            finally:
+                self.writer.finish_run(run_id, keep=sys.exc_info()[0] is not None)
+        if problem is not None:
             if error is None:
-                raise
-            error.add_note(str(write_error))
-            return
-        self._end(run_id, status)
+                raise problem
+            error.add_note(str(problem))
 
-    def _end(self, run_id: str, status: str) -> bool:
-        """End ``run_id`` if it is the active run; return whether it was."""
+    def _end(self, run_id: str, status: str, quick: bool = False) -> bool:
+        """End ``run_id`` if it is the active run; return whether the store took the status.
+
+        ``quick``: the store is known to be unreachable; try once, without MLflow's retries.
+        """
         import mlflow
 
         active = mlflow.active_run()
         if active is None or active.info.run_id != run_id:
             return False  # already ended by the block itself
-        with self._errors("tracking_uri", f"cannot end run {run_id} as {status}"):
-            mlflow.end_run(status)
+        if not quick:
+            with self._errors("tracking_uri", f"cannot end run {run_id} as {status}"):
+                mlflow.end_run(status)
+            return True
+        # MLflow pops its active run before it writes the status: the job goes on cleanly
+        with stores.environ_restored(_QUICK_HTTP):
+            os.environ.update(_QUICK_HTTP)
+            try:
+                mlflow.end_run(status)
+            except Exception:
+                return False
         return True
+
+
+# MLflow's own HTTP retries would take minutes against a server that is down.
+_QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}

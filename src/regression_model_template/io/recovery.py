@@ -1,0 +1,134 @@
+"""What a dead process left in the spool: sent to the store, its runs ended with their status.
+
+A run folder whose lock can be taken belongs to no live process (the kernel dropped the lock
+when its owner died). :func:`recover` sends the values the store has not acknowledged (a value
+sent twice is harmless: MLflow's SQL stores ignore an exact duplicate), ends the run with the
+status it recorded, or KILLED when the process died mid-run, and deletes the folder. A folder
+of another store is left alone: the credentials come from the current configuration, and
+values never go to a store they were not logged for.
+
+Example:
+    >>> import tempfile
+    >>> from mlflow.tracking import MlflowClient
+    >>> store = f"sqlite:///{tempfile.mkdtemp()}/m.db"
+    >>> client = MlflowClient(store)
+    >>> run_id = client.create_run("0").info.run_id
+    >>> spool_dir = Path(tempfile.mkdtemp())
+    >>> spool = _spool.RunSpool.create(spool_dir, run_id, store)
+    >>> _ = spool.append({"m": [["loss", 0.5, 1700000000000, 3]]})
+    >>> spool.close(remove=False)  # as if the process had died here
+    >>> [report.summary() for report in recover(spool_dir, store, client)] == [
+    ...     f"run {run_id}: 1 value(s) sent, ended KILLED"
+    ... ]
+    True
+    >>> client.get_run(run_id).info.status
+    'KILLED'
+"""
+
+from __future__ import annotations
+
+import shutil
+import typing as T
+from pathlib import Path
+
+from regression_model_template.io import spool as _spool
+
+if T.TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+__all__ = ["Recovered", "recover"]
+
+_BATCH = 1000
+
+
+class Recovered(T.NamedTuple):
+    """What recovery did with one run folder.
+
+    Attributes:
+        run_id: the run.
+        sent: values sent to the store.
+        status: the status the run was ended with (None: not ended).
+        waiting: why values or the status are still in the spool (None: nothing is).
+        damage: what could not be read (a line cut by the kill), if anything.
+        folder: the run's spool folder.
+    """
+
+    run_id: str
+    sent: int
+    status: str | None
+    waiting: str | None
+    damage: tuple[str, ...]
+    folder: Path
+
+    def summary(self) -> str:
+        """One line for a person."""
+        text = f"run {self.run_id}: {self.sent} value(s) sent"
+        text += f", ended {self.status}" if self.status else ""
+        text += f"; still waiting in {self.folder}: {self.waiting}" if self.waiting else ""
+        text += "".join(f"; damaged spool, {item}" for item in self.damage)
+        return text
+
+
+def recover(
+    spool_dir: Path,
+    store: str,
+    client: MlflowClient,
+    redact: T.Callable[[str], str] = str,
+) -> list[Recovered]:
+    """Send and end every run in ``spool_dir`` that no live process owns and that ``store`` has.
+
+    ``store`` is the tracking store's URI with its credentials masked, as each spool records it.
+    Never raises for what it finds: a store that cannot be reached, a damaged spool, a folder
+    of another store are reported.
+    """
+    reports = []
+    for folder in _spool.spooled_runs(Path(spool_dir)):
+        info = _spool.run_info(folder)
+        if info.get("store", store) != store:
+            continue  # another store's: its own configuration will recover it
+        with _spool.orphan(folder) as mine:
+            if mine:
+                reports.append(_recover_run(folder, client, redact))
+    return reports
+
+
+def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], str]) -> Recovered:
+    from mlflow.entities import Metric, Param
+
+    run_id = folder.name
+    damage: list[str] = []
+    offset = _spool.read_sent(folder)
+    status, sent = "KILLED", 0
+    metrics: list[Metric] = []
+    params: list[Param] = []
+
+    def send(end: int) -> None:
+        nonlocal sent
+        for start in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[start : start + 100], synchronous=True)
+        if metrics:
+            client.log_batch(run_id, metrics=metrics, synchronous=True)
+        sent += len(metrics) + len(params)
+        metrics.clear()
+        params.clear()
+        _spool.write_sent(folder, end)
+
+    try:
+        end = offset
+        for end, record in _spool.read_records(folder, offset, damage):
+            metrics.extend(Metric(k, v, t, s) for k, v, t, s in record.get("m", ()))
+            params.extend(Param(k, v) for k, v in record.get("p", ()))
+            status = record.get("end", status)
+            if len(metrics) >= _BATCH or len(params) >= _BATCH:
+                send(end)
+        send(end)
+        run = client.get_run(run_id)
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            client.set_terminated(run_id, status)
+        else:
+            status = run.info.status  # it had ended already: keep what the store says
+    except Exception as exc:
+        cause = redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
+        return Recovered(run_id, sent, None, cause, tuple(damage), folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return Recovered(run_id, sent, status, None, tuple(damage), folder)

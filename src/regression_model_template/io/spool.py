@@ -1,0 +1,217 @@
+"""The local spool: every logged value on disk before ``log_metrics`` returns.
+
+One folder per run, readable by the user only::
+
+    <spool_dir>/<run_id>/
+        run.json      the run and its store (URI with credentials masked)
+        values.jsonl  one JSON record per line, appended: {"m": [[key, value, ms, step], ...]},
+                      {"p": [[key, text], ...]}, and {"end": status} when the run ended
+        sent          how many bytes of values.jsonl the store has acknowledged
+        lock          locked (``fcntl.flock``) by the process that owns the run
+
+A record is written with one ``os.write`` on a file opened with ``O_APPEND``: once the call
+returns the data is the kernel's, and killing the process cannot lose it. The kernel drops the
+lock when the process dies, however it dies: a spool whose lock can be taken belongs to nobody
+and can be recovered (:func:`.recovery.recover`); a locked one is never touched.
+
+Example:
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> spool = RunSpool.create(folder, "run1", store="sqlite:///m.db")
+    >>> spool.append({"m": [["loss", 0.5, 1700000000000, 1]]})
+    37
+    >>> [record for _, record in read_records(spool.folder, 0)]
+    [{'m': [['loss', 0.5, 1700000000000, 1]]}]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import threading
+import time
+import typing as T
+from pathlib import Path
+
+__all__ = [
+    "RunSpool",
+    "default_spool_dir",
+    "orphan",
+    "read_records",
+    "read_sent",
+    "run_info",
+    "spooled_runs",
+    "write_sent",
+]
+
+VALUES = "values.jsonl"
+SENT = "sent"
+RUN = "run.json"
+LOCK = "lock"
+
+
+def default_spool_dir() -> Path:
+    """The per-user cache folder's ``spool`` (``~/.cache/regression_model_template/spool``)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("regression_model_template")) / "spool"
+
+
+class RunSpool:
+    """The spool of one run, owned (locked) by this process until :meth:`close`.
+
+    Thread-safe: records from several threads are appended whole, one line each.
+    """
+
+    def __init__(self, folder: Path, lock_fd: int, values_fd: int) -> None:
+        self.folder = folder
+        self.run_id = folder.name
+        self._lock_fd = lock_fd
+        self._values_fd = values_fd
+        self._guard = threading.Lock()
+        self.written = os.fstat(values_fd).st_size  # bytes appended so far
+        self.sent = read_sent(folder)  # bytes the store has acknowledged
+
+    @classmethod
+    def create(cls, spool_dir: Path, run_id: str, store: str) -> RunSpool:
+        """Create (or take over) the spool of ``run_id``; ``store`` is the masked store URI.
+
+        Raises:
+            OSError: the folder cannot be created or written, or another process owns it.
+        """
+        folder = spool_dir / run_id
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(spool_dir, 0o700)
+        lock_fd = _open(folder / LOCK, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not (folder / RUN).exists():
+                info = {"run_id": run_id, "store": store, "pid": os.getpid()}
+                _write_atomically(folder / RUN, json.dumps(info))
+            values_fd = _open(folder / VALUES, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(folder, lock_fd, values_fd)
+
+    def append(self, record: T.Mapping[str, T.Any]) -> int:
+        """Append one record; return the spool's size in bytes once it is the kernel's."""
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        with self._guard:
+            os.write(self._values_fd, line)
+            self.written += len(line)
+            return self.written
+
+    def mark_sent(self, offset: int) -> None:
+        """Record that the store has acknowledged the first ``offset`` bytes."""
+        self.sent = offset
+        write_sent(self.folder, offset)
+
+    def close(self, remove: bool) -> None:
+        """Release the run (``remove``: everything was sent and the run ended; delete it)."""
+        if remove:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(self._values_fd)
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)  # the lock goes with the descriptor
+
+
+def read_sent(folder: Path) -> int:
+    """How many bytes of the folder's values the store has acknowledged (0 if unknown)."""
+    try:
+        return int((folder / SENT).read_text() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def write_sent(folder: Path, offset: int) -> None:
+    """Record that the store has acknowledged the first ``offset`` bytes of the folder's values."""
+    _write_atomically(folder / SENT, str(offset))
+
+
+def read_records(
+    folder: Path, offset: int, damage: list[str] | None = None
+) -> T.Iterator[tuple[int, dict[str, T.Any]]]:
+    """Yield ``(end offset, record)`` for each whole record after ``offset``.
+
+    A line that is cut (the process was killed while writing it) or not a record stops the
+    reading there; its description goes to ``damage`` when given.
+    """
+    path = folder / VALUES
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        handle.seek(offset)
+        position = offset
+        for line in handle:
+            if not line.endswith(b"\n"):
+                if damage is not None:
+                    damage.append(f"{len(line)} bytes cut at offset {position} of {path}")
+                return
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a record")
+            except ValueError:
+                if damage is not None:
+                    damage.append(f"unreadable line at offset {position} of {path}")
+                return
+            position += len(line)
+            yield position, record
+
+
+def spooled_runs(spool_dir: Path) -> list[Path]:
+    """The run folders in ``spool_dir``, oldest first."""
+    if not spool_dir.is_dir():
+        return []
+    folders = [path for path in spool_dir.iterdir() if (path / VALUES).exists()]
+    return sorted(folders, key=lambda path: path.stat().st_mtime)
+
+
+@contextlib.contextmanager
+def orphan(folder: Path) -> T.Iterator[bool]:
+    """Lock a run folder for recovery; yield False when a live process owns it."""
+    try:
+        fd = _open(folder / LOCK, os.O_RDWR | os.O_CREAT)
+    except OSError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.close(fd)
+
+
+def run_info(folder: Path) -> dict[str, T.Any]:
+    """The run's ``run.json`` (empty when unreadable)."""
+    try:
+        info = json.loads((folder / RUN).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _open(path: Path, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC, 0o600)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}")
+    fd = _open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
