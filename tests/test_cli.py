@@ -363,6 +363,17 @@ def test_check_lists_the_channels_masked_and_check_alert_reports_each(
     assert TOKEN not in listed.stdout + sent.stdout + listed.stderr + sent.stderr
 
 
+def test_check_fails_on_a_url_apprise_refuses(tmp_path: Path, receiver: Receiver) -> None:
+    urls = [receiver.url("json"), f"nosuchscheme://{TOKEN}/x"]
+
+    result = _cli(tmp_path, "check", RMT_ALERTS__URLS=json.dumps(urls))
+
+    assert result.returncode == 1
+    line = next(line for line in result.stdout.splitlines() if line.startswith("alerts"))
+    assert line.startswith("alerts  FAILED AlertsService.urls: unusable: nosuchscheme://***")
+    assert TOKEN not in result.stdout + result.stderr
+
+
 def test_alert_urls_never_appear_in_anything_the_process_writes(
     tmp_path: Path, _mlflow_template_store: Path, receiver: Receiver
 ) -> None:

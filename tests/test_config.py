@@ -70,3 +70,13 @@ def test_a_profile_in_another_encoding_is_a_config_error_naming_the_file(tmp_pat
         assert problem.startswith(f"profile {path}: not UTF-8 text")
         assert "0xe9" in problem and "save it as UTF-8" in problem
         assert caught.value.__cause__ is None
+
+
+def test_an_empty_variable_takes_the_default(tmp_path: Path) -> None:
+    # CI gives an unset secret as an empty string: ALERT_URLS= must mean "no URL"
+    path = tmp_path / "p.yaml"
+    path.write_text("alerts:\n  urls: ${ALERT_URLS:[]}\n  app_name: ${APP:}\n", encoding="utf-8")
+
+    tree = load_profile(path, {"ALERT_URLS": "", "APP": ""})
+
+    assert tree == {"alerts": {"urls": [], "app_name": ""}}

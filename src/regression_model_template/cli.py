@@ -130,8 +130,9 @@ def _parse_overrides(overrides: list[str]) -> dict[str, dict[str, T.Any]]:
         path, sep, raw = item.partition("=")
         section, dot, field = path.strip().partition(".")
         if not sep or not dot or not section or not field:
+            shown = item if "://" not in item else item.partition("://")[0] + "://***"
             raise UsageError(
-                f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. logger.level=INFO"
+                f"--set {shown!r}: expected SECTION.FIELD=VALUE, e.g. logger.level=INFO"
             )
         tree.setdefault(section, {})[field] = parse_value(section, field, raw)
     return tree
@@ -223,11 +224,14 @@ def _check_alerts(service: T.Any, send: bool) -> str:
     from regression_model_template.io.services import ServiceError
 
     channels = service.channels
-    if channels == ["console"]:
+    if service.refused and not send:
+        raise ServiceError("AlertsService", "urls", "unusable: " + "; ".join(service.refused))
+    if channels == ["console"] and not service.refused:
         return "ok: alerts print to the console (no desktop notifications, no alerts.urls)"
     if not send:
         return f"ok: alerts go to {', '.join(channels)} (check --alert sends a test alert)"
     deliveries = service.probe(f"{PROG} check", "A test alert from `check --alert`.")
+    channels = [d.channel for d in deliveries]
     lines = [f"{d.channel}: {d.failure or 'delivered'}" for d in deliveries]
     failed = [d.channel for d in deliveries if d.failure is not None]
     if failed:

@@ -237,8 +237,8 @@ def _expand(
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group("name"), match.group("default")
-        if name in environ:
-            return environ[name]
+        if environ.get(name) or (name in environ and default is None):
+            return environ[name]  # set and not empty (empty: the default, as in a shell's :-)
         if default is None:
             missing.setdefault(name, f"{section}.{field}")
             return ""

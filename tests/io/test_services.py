@@ -1326,3 +1326,16 @@ def test_a_failed_start_leaves_the_process_as_it_was(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     with pytest.raises(ServiceError, match="not started"):
         service.log_metrics({"loss": 1.0})
+
+
+def test_stop_gives_mlflow_its_uris_back_and_turns_autolog_off(mlflow_store: str) -> None:
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    service = MlflowService(tracking_uri=mlflow_store)
+
+    with service:
+        assert mlflow.get_tracking_uri() == mlflow_store
+
+    assert mlflow.get_tracking_uri() == before
+    assert not mlflow.is_tracking_uri_set()  # type: ignore[no-untyped-call]

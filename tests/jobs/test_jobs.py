@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 from dependency_injector import providers
+from dependency_injector.wiring import Provide
 from loguru import logger
 
 from regression_model_template import jobs
-from regression_model_template.containers import Container
+from regression_model_template.containers import Container, inject
 from regression_model_template.io.services import MlflowService
 from regression_model_template.jobs import JobsConfig
 from regression_model_template.testing import Alert
@@ -68,6 +69,8 @@ def test_training_logs_registers_the_champion_and_alerts(
     assert str(version.version) == result.model_version == "1"
     assert version.run_id == result.run_id
     model_uri = f"models:/{service.registry_name}@champion"
+    mlflow.set_tracking_uri(service.tracking_uri)  # the stopped service gave MLflow its own
+    mlflow.set_registry_uri(service.registry)
     signature = mlflow.models.get_model_info(model_uri).signature
     assert signature is not None
     assert "bmi" in signature.inputs.input_names()
@@ -177,3 +180,55 @@ def test_a_job_with_one_provider_overridden(
 def test_an_unknown_job_name_lists_the_known_ones(service_container: Container) -> None:
     with pytest.raises(KeyError, match="known: training, evaluation"):
         jobs.run("trainign", service_container)
+
+
+SECRET = "S3CRETREG"
+
+
+@inject
+def _interrupted(mlflow_service: MlflowService = Provide[Container.mlflow_service]) -> None:
+    with mlflow_service.run_context(MlflowService.RunConfig(name="interrupted")):
+        raise KeyboardInterrupt
+
+
+@inject
+def _leaky(mlflow_service: MlflowService = Provide[Container.mlflow_service]) -> None:
+    with mlflow_service.run_context(MlflowService.RunConfig(name="leaky")):
+        raise RuntimeError(f"cannot reach {mlflow_service.registry_uri}/api")
+
+
+def test_an_interrupted_job_alerts_failure_and_ends_killed(
+    service_container: Container, alerts_outbox: list[Alert], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(jobs.JOBS, "interrupted", f"{__name__}:_interrupted")
+
+    with pytest.raises(KeyboardInterrupt):
+        jobs.run("interrupted", service_container)
+
+    [alert] = alerts_outbox
+    assert (alert.title, alert.level) == ("interrupted failed", "failure")
+    runs = _runs(service_container.mlflow_service().client(), "tests")
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_a_failing_job_logs_its_traceback_with_credentials_masked(
+    service_container: Container,
+    alerts_outbox: list[Alert],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setitem(jobs.JOBS, "leaky", f"{__name__}:_leaky")
+    tracking_uri = service_container.mlflow_service().tracking_uri
+    registry = f"https://user:{SECRET}@127.0.0.1:1"
+    service_container.config.from_dict({"mlflow": {"registry_uri": registry}})
+    service_container.mlflow_service.reset()
+
+    with pytest.raises(RuntimeError):
+        jobs.run("leaky", service_container)
+
+    log = (tmp_path / "logs" / "job.log").read_text()
+    assert "Traceback (most recent call last)" in log
+    assert "RuntimeError: cannot reach https://user:***@127.0.0.1:1/api" in log
+    assert SECRET not in log
+    assert SECRET not in alerts_outbox[0].message
+    assert service_container.mlflow_service().tracking_uri == tracking_uri

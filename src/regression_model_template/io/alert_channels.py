@@ -48,7 +48,7 @@ __all__ = [
     "NotDelivered",
     "Repeats",
     "deliver",
-    "masked_logs",
+    "mask_in_logs",
 ]
 
 Level = T.Literal["info", "success", "warning", "failure"]
@@ -124,7 +124,7 @@ class AppriseChannel(Channel):
         self.url = url
         self.name = mask_channel(url)
         if apprise.Apprise.instantiate(url) is None:
-            raise ValueError(f"{self.name}: apprise does not accept this URL")
+            raise ValueError("apprise does not accept this URL (see its wiki for the form)")
 
     def send(self, title: str, message: str, level: str) -> None:
         """Send with a fresh plugin object (no wait between sends); raise when not delivered."""
@@ -225,26 +225,29 @@ _URL_LOGGERS = (
 )
 
 
-@contextlib.contextmanager
-def masked_logs(urls: T.Sequence[str]) -> T.Iterator[None]:
-    """While active, records of apprise and urllib3 have the secrets of ``urls`` masked.
+_mask = _MaskSecrets([])
+_mask_lock = threading.Lock()
+
+
+def mask_in_logs(urls: T.Sequence[str]) -> None:
+    """From now on, records of apprise and urllib3 have the secrets of ``urls`` masked.
+
+    The masking is never removed: a send abandoned at ``max_wait`` may still log after its
+    service stopped.
 
     Example:
-        >>> with masked_logs(["json://127.0.0.1/t0ken"]):
-        ...     record = logging.makeLogRecord({"msg": "POST /t0ken", "name": "apprise"})
-        ...     _ = logging.getLogger("apprise").filters[-1].filter(record)
+        >>> mask_in_logs(["json://127.0.0.1/t0ken"])
+        >>> record = logging.makeLogRecord({"msg": "POST /t0ken", "name": "apprise"})
+        >>> _ = _mask.filter(record)
         >>> record.getMessage()
         'POST /***'
     """
     secrets = [secret for url in urls for secret in channel_secrets(url)]
-    mask = _MaskSecrets(secrets)
-    for name in _URL_LOGGERS:
-        logging.getLogger(name).addFilter(mask)
-    try:
-        yield
-    finally:
+    with _mask_lock:
+        _mask.secrets = sorted(set(_mask.secrets) | set(secrets), key=len, reverse=True)
         for name in _URL_LOGGERS:
-            logging.getLogger(name).removeFilter(mask)
+            if _mask not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(_mask)
 
 
 class Repeats:
@@ -312,7 +315,8 @@ class Dispatcher:
     def __init__(self, channels: list[Channel], repeats: Repeats | None) -> None:
         self._channels = channels
         self._repeats = repeats
-        self._masking = contextlib.ExitStack()
+        self._secrets: list[str] = []
+        self.refused: list[Delivery] = []  # URLs that cannot be used at all, and why
         self._warned: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
@@ -333,7 +337,8 @@ class Dispatcher:
         """
         dispatcher = cls([], Repeats(dedup_seconds) if dedup_seconds else None)
         if urls:
-            dispatcher._masking.enter_context(masked_logs(urls))
+            mask_in_logs(urls)
+            dispatcher._secrets = [secret for url in urls for secret in channel_secrets(url)]
         reason = _desktop.unavailable() if desktop else None
         if desktop and reason is None:
             dispatcher._channels.append(DesktopChannel(app_name, timeout))
@@ -343,7 +348,9 @@ class Dispatcher:
             try:
                 dispatcher._channels.append(AppriseChannel(url))
             except Exception as exc:  # apprise missing, or refusing the URL: say so, go on
-                dispatcher.warn(mask_channel(url), redact(str(exc), channel_secrets(url)))
+                refused = Delivery(mask_channel(url), dispatcher.redact(str(exc)), lasting=True)
+                dispatcher.refused.append(refused)
+                dispatcher.warn(refused.channel, T.cast(str, refused.failure))
         return dispatcher
 
     @property
@@ -355,42 +362,56 @@ class Dispatcher:
         """Send an alert to every channel (a repeat is folded); return whether one delivered it."""
         if self._repeats is not None:
             self._report(self._repeats.settle())
-            if not self._repeats.admit((title, message)):
+            if not self._repeats.admit((level, title, message)):
                 return True  # sent already, within the window
+        chosen = list(self._channels)
+        deliveries = self._deliver(chosen, title, message, level, max_wait)
         delivered = False
-        for delivery in self.probe(title, message, level, max_wait):
+        for channel, delivery in zip(chosen, deliveries, strict=True):
             if delivery.failure is None:
                 delivered = True
-            else:
-                self.warn(delivery.channel, delivery.failure, lasting=delivery.lasting)
+                continue
+            if delivery.lasting:
+                with self._lock:
+                    self._channels[:] = [c for c in self._channels if c is not channel]
+            self.warn(delivery.channel, delivery.failure)
         return delivered
 
     def probe(self, title: str, message: str, level: str, max_wait: float) -> list[Delivery]:
-        """Send an alert to every channel, no folding; return what each one did."""
+        """Send to every channel, no folding; return what each (and each refused URL) did."""
         chosen = list(self._channels)
-        return deliver(chosen, title, message, level, max_wait) if chosen else []
+        return self._deliver(chosen, title, message, level, max_wait) + self.refused
 
-    def warn(self, channel: str, reason: str, lasting: bool = True) -> None:
-        """Warn once per channel and cause; stop using a channel that will never work."""
+    def warn(self, channel: str, reason: str) -> None:
+        """Warn once per channel and cause."""
         with self._lock:
-            if lasting:
-                self._channels[:] = [c for c in self._channels if c.name != channel]
             if (channel, reason) in self._warned:
                 return
             self._warned.add((channel, reason))
         logger.warning("Alerts cannot use {}: {}", channel, reason)
 
+    def redact(self, text: str) -> str:
+        """Mask the alert URLs' secrets in ``text``."""
+        return redact(text, self._secrets)
+
+    def _deliver(
+        self, chosen: list[Channel], title: str, message: str, level: str, max_wait: float
+    ) -> list[Delivery]:
+        if not chosen:
+            return []
+        deliveries = deliver(chosen, title, message, level, max_wait)
+        return [d._replace(failure=d.failure and self.redact(d.failure)) for d in deliveries]
+
     def close(self) -> None:
-        """Report the repeats still folded; stop masking apprise's records."""
+        """Report the repeats still folded; stop sending."""
         if self._repeats is not None:
             self._report(self._repeats.settle(everything=True))
         self._channels.clear()
-        self._masking.close()
 
     def _report(self, folded: list[tuple[T.Hashable, int]]) -> None:
         assert self._repeats is not None
         for key, count in folded:
-            title = key[0] if isinstance(key, tuple) else key
+            title = key[1] if isinstance(key, tuple) else key
             logger.info(
                 "Alert {!r} was repeated {} more time(s) within {:g} s and sent once "
                 "(alerts.dedup_seconds)",

@@ -103,10 +103,15 @@ def mask_uri(uri: str) -> str:
     return redact(uri, uri_secrets(uri))
 
 
+_HOST_NAME = re.compile(
+    r"(localhost|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?", re.ASCII
+)
+
+
 def _host_is_a_name(host: str) -> bool:
-    # A real host (a domain, an IP address, localhost) rather than a token in host position,
-    # as in slack://TokenA/TokenB/TokenC or discord://webhook_id/webhook_token.
-    return "." in host or ":" in host or host == "localhost"
+    # A real host (a domain, an IP address, localhost, with a port) rather than a token in host
+    # position, as in slack://TokenA/TokenB/TokenC or tgram://123456789:AAH.../chat_id.
+    return _HOST_NAME.fullmatch(host) is not None
 
 
 def _channel_parts(url: str) -> tuple[str, str, str, str]:
@@ -150,6 +155,8 @@ def mask_channel(url: str) -> str:
         'json://127.0.0.1:8080/***'
         >>> mask_channel("slack://TokenA/TokenB/TokenC")
         'slack://***'
+        >>> mask_channel("tgram://123456789:AAHdqTcv/-100123")
+        'tgram://***'
     """
     scheme, _, host, rest = _channel_parts(url)
     if not scheme:

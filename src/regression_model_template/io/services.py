@@ -72,7 +72,10 @@ class Service(abc.ABC, pydantic.BaseModel):
         bye
     """
 
-    model_config = pydantic.ConfigDict(strict=True, frozen=True, extra="forbid")
+    # Settings can be secrets: a validation error never echoes the value it refused.
+    model_config = pydantic.ConfigDict(
+        strict=True, frozen=True, extra="forbid", hide_input_in_errors=True
+    )
 
     @abc.abstractmethod
     def start(self) -> None:
@@ -191,6 +194,10 @@ class LoggerService(Service):
 # %% ALERTS
 
 
+def _one_or_many(value: object) -> object:
+    return [value] if isinstance(value, str) else value  # one URL given alone is a list of one
+
+
 class AlertsService(Service):
     """Alerts to a person: the desktop, any number of apprise URLs, the console as a fallback.
 
@@ -225,7 +232,7 @@ class AlertsService(Service):
     app_name: str = "regression_model_template"
     timeout: int | None = pydantic.Field(default=None, ge=1)
     max_wait: float = pydantic.Field(default=2.0, gt=0, le=60)
-    urls: list[pydantic.SecretStr] = []
+    urls: T.Annotated[list[pydantic.SecretStr], pydantic.BeforeValidator(_one_or_many)] = []
     dedup_seconds: float = pydantic.Field(default=60.0, ge=0)
 
     _dispatcher: alert_channels.Dispatcher | None = pydantic.PrivateAttr(default=None)
@@ -249,6 +256,17 @@ class AlertsService(Service):
             ['console']
         """
         return (self._dispatcher.names if self._dispatcher else []) or ["console"]
+
+    @property
+    def refused(self) -> list[str]:
+        """The URLs that cannot be used at all (masked), each with why.
+
+        Example:
+            >>> AlertsService(enable=False).refused
+            []
+        """
+        found = self._dispatcher.refused if self._dispatcher else []
+        return [f"{delivery.channel}: {delivery.failure}" for delivery in found]
 
     def start(self) -> None:
         """Choose the channels: the desktop when it can show alerts, and every URL.
@@ -287,9 +305,12 @@ class AlertsService(Service):
             if dispatcher is not None:
                 dispatcher.warn("level", f"unknown alert level {level!r}: sent as info")
             level = "info"
-        if dispatcher is None or not dispatcher.send(title, message, level, self.max_wait):
-            tag = "" if level == "info" else f"{level.upper()} "
-            print(f"[{self.app_name}] {tag}{title}: {message}", flush=True)
+        try:  # never raise: no thread at interpreter shutdown, a closed stdout...
+            if dispatcher is None or not dispatcher.send(title, message, level, self.max_wait):
+                tag = "" if level == "info" else f"{level.upper()} "
+                print(f"[{self.app_name}] {tag}{title}: {message}", flush=True)
+        except Exception as exc:
+            _logger.error("Alert {!r} not sent: {}", title, type(exc).__name__)
 
     def probe(
         self, title: str, message: str, level: alert_channels.Level = "info"

@@ -150,6 +150,7 @@ class TrackingSession:
         with contextlib.ExitStack() as restore:  # undone now if opening fails, else by close()
             restore.enter_context(stores.mlflow_environ())
             restore.enter_context(sigterm_unwinds())
+            restore.callback(_restore_mlflow_globals, *_mlflow_globals())
             with errors("tracking_uri", f"cannot use the tracking store {store}"):
                 client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
                 mlflow.set_tracking_uri(tracking_uri)
@@ -219,8 +220,21 @@ class TrackingSession:
                     if ended:
                         logger.warning("Ended run {} left open at stop: KILLED", run_id)
                     self.writer.finish_run(run_id, keep=not ended)
+                self._end_other_runs(quick=not reached)
             finally:
                 self._restore.close()
+
+    def _end_other_runs(self, quick: bool) -> None:
+        """End runs the job started itself (``mlflow.start_run``) and left open: KILLED.
+
+        They are in this service's store, which MLflow will not point at any more.
+        """
+        import mlflow
+
+        while (active := mlflow.active_run()) is not None:
+            logger.warning("Ended run {} left open at stop: KILLED", active.info.run_id)
+            if not self._end(active.info.run_id, "KILLED", quick=quick):
+                break
 
     def _finish(self, run_id: str, status: str, error: BaseException | None) -> None:
         """Record the end, write the run's values, then end it in the store.
@@ -285,3 +299,23 @@ class TrackingSession:
 
 # MLflow's own HTTP retries would take minutes against a server that is down.
 _QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+def _mlflow_globals() -> tuple[str | None, str | None]:
+    """MLflow's tracking and registry URIs as set in this process (None: MLflow's default)."""
+    import mlflow
+
+    is_set = mlflow.is_tracking_uri_set()  # type: ignore[no-untyped-call]
+    tracking = mlflow.get_tracking_uri() if is_set else None
+    registry = mlflow.get_registry_uri() if os.environ.get("MLFLOW_REGISTRY_URI") else None
+    return tracking, registry
+
+
+def _restore_mlflow_globals(tracking: str | None, registry: str | None) -> None:
+    """Give MLflow its URIs back (None resets to the default) and turn off our autolog."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking)  # type: ignore[arg-type]
+    mlflow.set_registry_uri(registry)  # type: ignore[arg-type]
+    with contextlib.suppress(Exception):
+        mlflow.autolog(disable=True)

@@ -11,6 +11,7 @@ Their settings are the configuration section ``jobs`` (:class:`JobsConfig`). Run
 from __future__ import annotations
 
 import importlib
+import traceback
 import typing as T
 
 from regression_model_template.config import JobsConfig
@@ -49,12 +50,14 @@ def run(name: str, container: Container) -> T.Any:
         container.wire(modules=[module])
         try:
             return job()
-        except Exception as error:
+        except BaseException as error:  # Ctrl-C and SIGTERM alert too; a clean exit does not
+            if isinstance(error, SystemExit) and error.code in (0, None):
+                raise
             mlflow_service = container.mlflow_service()
             cause = mlflow_service.redact(f"{type(error).__name__}: {error}".splitlines()[0])
-            container.logger_service().logger().opt(exception=error).error(
-                "Job {} failed: {}", name, cause
-            )
+            # The traceback as masked text: MLflow's messages carry the store's credentials.
+            trace = mlflow_service.redact("".join(traceback.format_exception(error)))
+            container.logger_service().logger().error("Job {} failed: {}\n{}", name, cause, trace)
             link = mlflow_service.run_link()
             message = f"{cause}\n{link}" if link else cause
             container.alerts_service().notify(f"{name} failed", message, level="failure")
