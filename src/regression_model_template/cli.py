@@ -5,6 +5,7 @@ Commands:
     config show  the effective configuration, each value with its source, secrets masked
     config schema  the JSON schema of the configuration
     check        start each service and report what works (--alert: send a test alert)
+    recover      send what killed jobs left in the spool, and end their runs
 
 Exit codes: 0 success, 1 a job or a check failed, 2 bad command-line input or configuration.
 
@@ -76,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     config_commands.add_parser("show", parents=[settings], help="effective values and sources")
     config_commands.add_parser("schema", help="JSON schema of the configuration")
 
+    commands.add_parser(
+        "recover", parents=[settings], help="send what killed jobs left in the spool"
+    )
     check = commands.add_parser("check", parents=[settings], help="start each service, report")
     check.add_argument(
         "--alert",
@@ -105,6 +109,8 @@ def main(argv: T.Sequence[str] | None = None) -> int:
             return _show(container)
         if args.command == "check":
             return _check(container, send_alert=args.alert)
+        if args.command == "recover":
+            return _recover(container)
         return _run(args.job, container)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -213,6 +219,23 @@ def _check(container: Container, send_alert: bool = False) -> int:
             status, failed = f"FAILED {error}", failed + 1
         print(f"{name:<7} {status}")
     return 1 if failed else 0
+
+
+def _recover(container: Container) -> int:
+    """Send the spooled values of dead processes; exit 1 when something is still waiting."""
+    from regression_model_template.io.services import ServiceError
+
+    service = container.mlflow_service()
+    try:
+        reports = service.recover()
+    except ServiceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for report in reports:
+        print(report.summary())
+    if not reports:
+        print("nothing to recover for this store")
+    return 1 if any(report.waiting for report in reports) else 0
 
 
 def _check_logger(service: T.Any) -> str:

@@ -257,7 +257,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextlib.contextmanager
-def local_mlflow_server(root: Path, startup_timeout: float = 60.0) -> T.Iterator[str]:
+def local_mlflow_server(
+    root: Path, startup_timeout: float = 60.0, port: int | None = None
+) -> T.Iterator[str]:
     """Run a real ``mlflow server`` on 127.0.0.1 for the block; yield its URL.
 
     SQLite store and proxied artifacts under ``root``, one worker and no background job runner
@@ -265,13 +267,16 @@ def local_mlflow_server(root: Path, startup_timeout: float = 60.0) -> T.Iterator
     started are stopped on exit (SIGTERM to its process group, then SIGKILL); on Linux it also
     gets SIGTERM if this process dies first.
 
+    ``port``: the port to listen on (default: a free one). Starting again with the same ``root``
+    and ``port`` brings back the same server, as after an outage.
+
     Raises:
         RuntimeError: the server exited or did not answer ``/health`` within
             ``startup_timeout`` seconds; the message ends with its output.
     """
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    log = root / "server.log"
+    log = root / f"server-{time.time_ns()}.log"
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--host", "127.0.0.1",
