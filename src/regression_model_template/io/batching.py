@@ -102,6 +102,8 @@ class BatchWriter:
             ``max_backoff``).
         max_backoff: the longest pause between two attempts while the store is unreachable.
         redact: masks secrets in error messages (``MlflowService.redact``).
+        exit_timeout: seconds the interpreter's exit waits for the store to take what is
+            spooled (the rest stays in the spool).
 
     Raises:
         ServiceError: a run's spool folder cannot be created or written (``mlflow.spool_dir``).
@@ -130,6 +132,7 @@ class BatchWriter:
         backoff: float = 0.5,
         max_backoff: float = 10.0,
         redact: T.Callable[[str], str] = str,
+        exit_timeout: float = 60.0,
     ) -> None:
         self._client = client
         self.spool_dir = Path(spool_dir)
@@ -139,6 +142,7 @@ class BatchWriter:
         self._backoff = backoff
         self._max_backoff = max_backoff
         self._redact = redact
+        self.exit_timeout = exit_timeout
         self._lock = threading.Condition()
         self._spools: dict[str, RunSpool] = {}
         self._owned: set[str] = set()  # runs released by finish_run, not by close
@@ -427,6 +431,7 @@ def _flush_at_exit() -> None:
     """At interpreter exit, write what is spooled (MLflow's exit hook ends runs later)."""
     for writer in list(_open_writers):
         try:
-            writer.close(timeout=60)
+            writer.close(timeout=writer.exit_timeout)
         except WriteError as error:
-            print(f"regression_model_template: {error}", flush=True)
+            where = f" (kept in {writer.spool_dir}: `regression-model-template recover` sends them)"
+            print(f"regression_model_template: {error}{where}", flush=True)

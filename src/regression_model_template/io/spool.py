@@ -83,8 +83,7 @@ class RunSpool:
             OSError: the folder cannot be created or written, or another process owns it.
         """
         folder = spool_dir / run_id
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(spool_dir, 0o700)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # yours only, when created
         lock_fd = _open(folder / LOCK, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

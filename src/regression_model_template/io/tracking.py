@@ -162,7 +162,9 @@ class TrackingSession:
             # Imported after mlflow: its exit hook then flushes before MLflow ends runs.
             from regression_model_template.io.batching import BatchWriter
 
-            batch_writer = BatchWriter(client, store=store, redact=redact, **writer)
+            batch_writer = BatchWriter(
+                client, store=store, redact=redact, exit_timeout=end_timeout, **writer
+            )
             session = cls(batch_writer, errors, restore.pop_all(), store, end_timeout)
             session.experiment_id = experiment.experiment_id
             return session
