@@ -11,7 +11,9 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import loguru
 import pytest
+from loguru import logger
 
 
 @pytest.fixture(autouse=True)
@@ -74,3 +76,36 @@ def receiver() -> Iterator[Receiver]:
     yield state
     server.shutdown()
     server.server_close()
+
+
+@dataclass
+class LogCapture:
+    """Records (level, message) of everything loguru logs while the fixture is active."""
+
+    records: list[tuple[str, str]] = field(default_factory=list)
+
+    def messages(self, level: str) -> list[str]:
+        return [message for name, message in self.records if name == level]
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[LogCapture]:
+    """A loguru sink added by the test; only its own id is removed afterwards."""
+    capture = LogCapture()
+
+    def sink(message: loguru.Message) -> None:
+        capture.records.append((message.record["level"].name, message.record["message"]))
+
+    handler_id = logger.add(sink, level="DEBUG", format="{message}")
+    yield capture
+    logger.remove(handler_id)
+
+
+def notify_timed(alerts: T.Any, titles: T.Sequence[str], message: str) -> list[float]:
+    """Send one alert per title; return how long each ``notify`` call took, in seconds."""
+    durations = []
+    for title in titles:
+        started = time.monotonic()
+        alerts.notify(title, message)
+        durations.append(time.monotonic() - started)
+    return durations

@@ -30,8 +30,12 @@ def _environ(**extra: str) -> dict[str, str]:
 
 
 def _cli(cwd: Path, *args: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    return _python(cwd, "-m", "regression_model_template", *args, **environ)
+
+
+def _python(cwd: Path, *args: str, **environ: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "regression_model_template", *args],
+        [sys.executable, *args],
         cwd=cwd,
         env=_environ(**environ),
         capture_output=True,
@@ -405,15 +409,7 @@ def test_alert_urls_never_appear_in_anything_the_process_writes(
         _cli(tmp_path, "config", "show", **environ),
         _cli(tmp_path, "check", "--alert", **environ),
         _cli(tmp_path, "run", "evaluation", **environ),
-        subprocess.run(
-            [sys.executable, "-c", script],
-            cwd=tmp_path,
-            env=_environ(**environ),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        ),
+        _python(tmp_path, "-c", script, **environ),
     ]
 
     # then the secrets are in none of them, nor in the log file, nor in the alerts sent

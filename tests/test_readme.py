@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import pytest
 
 from regression_model_template.testing import clean_environ
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 
@@ -26,7 +28,8 @@ def _blocks() -> dict[str, str]:
 
 
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = clean_environ(PYTHONPATH=str(cwd))
+    # the tree under test first, before whatever copy of the package the interpreter installed
+    env = clean_environ(PYTHONPATH=os.pathsep.join([str(cwd), str(ROOT / "src")]))
     for name in ("DBUS_SESSION_BUS_ADDRESS", "DISPLAY", "WAYLAND_DISPLAY"):
         env.pop(name, None)  # alerts go to the console
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import time
 import typing as T
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
-import loguru
 import pytest
-from loguru import logger
 
 from regression_model_template.io.services import AlertsService
 from regression_model_template.testing import free_port
-from tests.conftest import Receiver
+from tests.conftest import LogCapture, Receiver, notify_timed
 
 DESKTOP_VARIABLES = ("DBUS_SESSION_BUS_ADDRESS", "DISPLAY", "WAYLAND_DISPLAY")
 MARGIN = 1.5  # seconds of slack over a configured bound, for a noisy machine
@@ -29,26 +25,6 @@ def headless(monkeypatch: pytest.MonkeyPatch) -> None:
     """No desktop: the URLs are the only channels."""
     for name in DESKTOP_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-
-
-@dataclass
-class Logs:
-    records: list[tuple[str, str]] = field(default_factory=list)
-
-    def at(self, level: str) -> list[str]:
-        return [message for name, message in self.records if name == level]
-
-
-@pytest.fixture
-def logs() -> Iterator[Logs]:
-    captured = Logs()
-
-    def sink(message: loguru.Message) -> None:
-        captured.records.append((message.record["level"].name, message.record["message"]))
-
-    handler_id = logger.add(sink, level="TRACE", format="{message}")
-    yield captured
-    logger.remove(handler_id)
 
 
 def alerts(*urls: str, **settings: T.Any) -> AlertsService:
@@ -126,7 +102,7 @@ def test_an_email_arrives_with_the_title_as_subject() -> None:
 
 @pytest.mark.parametrize("failure", ["http-500", "refused"])
 def test_a_failing_channel_falls_back_to_the_console_with_the_reason(
-    receiver: Receiver, failure: str, capsys: pytest.CaptureFixture[str], logs: Logs
+    receiver: Receiver, failure: str, capsys: pytest.CaptureFixture[str], captured_logs: LogCapture
 ) -> None:
     receiver.status = 500
     port = receiver.port if failure == "http-500" else free_port()
@@ -137,14 +113,14 @@ def test_a_failing_channel_falls_back_to_the_console_with_the_reason(
         service.notify("b", "2")
 
     assert capsys.readouterr().out == "[demo] FAILURE a: 1\n[demo] b: 2\n"
-    [warning] = logs.at("WARNING")  # one per channel and cause, not one per alert
+    [warning] = captured_logs.messages("WARNING")  # one per channel and cause, not one per alert
     assert warning.startswith(f"Alerts cannot use json://127.0.0.1:{port}/***: ")
     expected = "500" if failure == "http-500" else "onnection"
     assert expected in warning
 
 
 def test_one_failing_channel_among_several_does_not_reach_the_console(
-    receiver: Receiver, capsys: pytest.CaptureFixture[str], logs: Logs
+    receiver: Receiver, capsys: pytest.CaptureFixture[str], captured_logs: LogCapture
 ) -> None:
     refused = f"json://127.0.0.1:{free_port()}/down"
     service = alerts(refused, receiver.url())
@@ -154,27 +130,23 @@ def test_one_failing_channel_among_several_does_not_reach_the_console(
 
     assert len(receiver.requests) == 1
     assert capsys.readouterr().out == ""
-    [warning] = logs.at("WARNING")
+    [warning] = captured_logs.messages("WARNING")
     assert "127.0.0.1" in warning and "/down" not in warning  # the path is masked
 
 
 def test_a_slow_channel_is_abandoned_at_max_wait_without_delaying_the_next_alert(
-    receiver: Receiver, capsys: pytest.CaptureFixture[str], logs: Logs
+    receiver: Receiver, capsys: pytest.CaptureFixture[str], captured_logs: LogCapture
 ) -> None:
     receiver.delay = 3.0
     service = alerts(receiver.url(), max_wait=0.5, dedup_seconds=0)
 
     with service:
-        durations = []
-        for title in ("a", "b"):
-            started = time.monotonic()
-            service.notify(title, "slow")
-            durations.append(time.monotonic() - started)
+        durations = notify_timed(service, ("a", "b"), "slow")
 
     assert max(durations) < service.max_wait + MARGIN, durations
     assert capsys.readouterr().out == "[demo] a: slow\n[demo] b: slow\n"
     assert len(receiver.requests) == 2  # the second alert was tried again, not skipped
-    [warning] = logs.at("WARNING")
+    [warning] = captured_logs.messages("WARNING")
     assert "alerts.max_wait" in warning
 
 
@@ -222,7 +194,7 @@ def test_the_process_exits_right_after_an_alert_to_a_hanging_channel(
 
 
 def test_repeats_within_the_window_are_sent_once_and_counted_in_the_log(
-    receiver: Receiver, logs: Logs
+    receiver: Receiver, captured_logs: LogCapture
 ) -> None:
     service = alerts(receiver.url(), dedup_seconds=60)
 
@@ -233,7 +205,8 @@ def test_repeats_within_the_window_are_sent_once_and_counted_in_the_log(
 
     assert [r.json()["message"] for r in receiver.requests] == ["step 100", "step 200"]
     assert any(
-        "'loss is nan' was repeated 4 more time(s) within 60 s" in m for m in logs.at("INFO")
+        "'loss is nan' was repeated 4 more time(s) within 60 s" in m
+        for m in captured_logs.messages("INFO")
     )
 
 
@@ -257,25 +230,29 @@ def test_disabled_alerts_print_with_their_level_and_send_nothing(
     assert capsys.readouterr().out == "[demo] SUCCESS Training: done\n[demo] Training: done\n"
 
 
-def test_an_unknown_level_is_sent_as_info_with_one_warning(receiver: Receiver, logs: Logs) -> None:
+def test_an_unknown_level_is_sent_as_info_with_one_warning(
+    receiver: Receiver, captured_logs: LogCapture
+) -> None:
     service = alerts(receiver.url())
     with service:
         service.notify("t", "m", level="urgent")  # type: ignore[arg-type]
 
     assert receiver.requests[0].json()["type"] == "info"
-    assert any("unknown alert level 'urgent'" in m for m in logs.at("WARNING"))
+    assert any("unknown alert level 'urgent'" in m for m in captured_logs.messages("WARNING"))
 
 
-def test_a_url_apprise_refuses_is_warned_masked_and_skipped(receiver: Receiver, logs: Logs) -> None:
+def test_a_url_apprise_refuses_is_warned_masked_and_skipped(
+    receiver: Receiver, captured_logs: LogCapture
+) -> None:
     service = alerts("nosuchscheme://T0KENsecret/abc", receiver.url())
     with service:
         assert service.channels == [f"json://127.0.0.1:{receiver.port}/***"]
         service.notify("t", "m")
 
     assert len(receiver.requests) == 1
-    [warning] = logs.at("WARNING")
+    [warning] = captured_logs.messages("WARNING")
     assert "nosuchscheme://***" in warning
-    assert "T0KENsecret" not in " ".join(m for _, m in logs.records)
+    assert "T0KENsecret" not in " ".join(m for _, m in captured_logs.records)
 
 
 def test_stop_sends_later_alerts_to_the_console(

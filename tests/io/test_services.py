@@ -26,10 +26,8 @@ import typing as T
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import loguru
 import pydantic
 import pytest
 from loguru import logger
@@ -42,6 +40,7 @@ from regression_model_template.io.services import (
     ServiceError,
 )
 from regression_model_template.io.stores import environ_restored
+from tests.conftest import LogCapture, notify_timed
 
 # These machines have no internet: keep MLflow's telemetry quiet in every run of this module.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -66,29 +65,6 @@ requires_notify_send_backend = pytest.mark.skipif(
 
 
 # %% shared fixtures and helpers
-
-
-@dataclass
-class LogCapture:
-    """Records (level, message) of everything loguru logs while the fixture is active."""
-
-    records: list[tuple[str, str]] = field(default_factory=list)
-
-    def messages(self, level: str) -> list[str]:
-        return [message for name, message in self.records if name == level]
-
-
-@pytest.fixture
-def captured_logs() -> Iterator[LogCapture]:
-    """A loguru sink added by the test; only its own id is removed afterwards."""
-    capture = LogCapture()
-
-    def sink(message: loguru.Message) -> None:
-        capture.records.append((message.record["level"].name, message.record["message"]))
-
-    handler_id = logger.add(sink, level="DEBUG", format="{message}")
-    yield capture
-    logger.remove(handler_id)
 
 
 @pytest.fixture
@@ -762,11 +738,7 @@ def test_hanging_backend_is_bounded_by_max_wait(
 
     with alerts:
         # when notified twice
-        durations = []
-        for title in ("a", "b"):
-            started = time.monotonic()
-            alerts.notify(title, "msg")
-            durations.append(time.monotonic() - started)
+        durations = notify_timed(alerts, ("a", "b"), "msg")
 
     # then each call returned within max_wait (plus margin), both went to the console,
     # and one warning names the bound
