@@ -155,7 +155,7 @@ def read_records(
                 return
             try:
                 record = json.loads(line)
-                if not isinstance(record, dict):
+                if not _well_formed(record):
                     raise ValueError("not a record")
             except ValueError:
                 if damage is not None:
@@ -163,6 +163,30 @@ def read_records(
                 return
             position += len(line)
             yield position, record
+
+
+def _well_formed(record: object) -> bool:
+    """Whether ``record`` is one this module writes (metrics, params or the run's end)."""
+    if not isinstance(record, dict):
+        return False
+    metrics, params, end = record.get("m", []), record.get("p", []), record.get("end", "")
+    return (
+        isinstance(metrics, list)
+        and all(
+            isinstance(row, list)
+            and len(row) == 4
+            and isinstance(row[0], str)
+            and isinstance(row[1], int | float)
+            and all(isinstance(n, int) for n in row[2:])
+            for row in metrics
+        )
+        and isinstance(params, list)
+        and all(
+            isinstance(row, list) and len(row) == 2 and all(isinstance(x, str) for x in row)
+            for row in params
+        )
+        and isinstance(end, str)
+    )
 
 
 def spooled_runs(spool_dir: Path) -> list[Path]:

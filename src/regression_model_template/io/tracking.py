@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 import types
 import typing as T
@@ -266,10 +265,12 @@ class TrackingSession:
             self.writer.finish_run(run_id, discard=True)
             problem = refused
         else:
+            ended = False
             try:
                 self._end(run_id, status)
-            finally:
-                self.writer.finish_run(run_id, keep=sys.exc_info()[0] is not None)
+                ended = True
+            finally:  # a status that did not reach the store stays in the spool
+                self.writer.finish_run(run_id, keep=not ended)
         if problem is not None:
             if error is None:
                 raise problem
