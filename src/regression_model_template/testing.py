@@ -264,8 +264,8 @@ def local_mlflow_server(
 
     SQLite store and proxied artifacts under ``root``, one worker and no background job runner
     (ready in ~10 s instead of 20-26 s, see FIELD-NOTES.md). The server and every process it
-    started are stopped on exit (SIGTERM to its process group, then SIGKILL); on Linux it also
-    gets SIGTERM if this process dies first.
+    started are stopped on exit (SIGTERM to its process group, then SIGKILL); on Linux, when
+    started from the main thread, it also gets SIGTERM if this process dies first.
 
     ``port``: the port to listen on (default: a free one). Starting again with the same ``root``
     and ``port`` brings back the same server, as after an outage.
@@ -294,13 +294,21 @@ def local_mlflow_server(
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stopped as a whole
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            # PR_SET_PDEATHSIG follows the starting *thread*: only the main thread's lives as
+            # long as the process (a server started from a helper thread would die with it).
+            preexec_fn=_die_with_parent if _main_thread_on_linux() else None,
         )
         try:
             _wait_for_health(process, url, log, startup_timeout)
             yield url
         finally:
             _stop_group(process)
+
+
+def _main_thread_on_linux() -> bool:
+    import threading
+
+    return sys.platform == "linux" and threading.current_thread() is threading.main_thread()
 
 
 def _die_with_parent() -> None:

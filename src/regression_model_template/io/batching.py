@@ -335,13 +335,18 @@ class BatchWriter:
     def _ship(self, spool: RunSpool) -> None:
         """Send what ``spool`` holds beyond what the store acknowledged, batch by batch."""
         while spool.sent < spool.written:
+            if self._abandoned:
+                raise _Abandoned()  # stopped: what is left is for `recover`
             batch = _read_batch(spool, spool.written)
             if batch.end <= spool.sent:
                 return
             with self._lock:
                 self._held = batch.values
             self._send(spool, batch)
-            spool.mark_sent(batch.end)
+            try:
+                spool.mark_sent(batch.end)
+            except OSError:  # released and removed meanwhile (recovered elsewhere): done
+                return
             with self._lock:
                 self._held = 0
                 self._written += batch.values

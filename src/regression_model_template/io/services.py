@@ -613,7 +613,8 @@ class MlflowService(Service):
             return []
         with self._errors("tracking_uri", f"cannot use the tracking store {self._masked()}"):
             client = self.client()
-        return recovery.recover(folder, self._masked(), client, self.redact)
+        with stores.quiet_run_links():  # MLflow would print the URI, credentials included
+            return recovery.recover(folder, self._masked(), client, self.redact)
 
     def redact(self, text: str) -> str:
         """Return ``text`` with the credentials of this service's URIs replaced by ``***``.

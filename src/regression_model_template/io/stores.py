@@ -37,6 +37,7 @@ __all__ = [
     "mlflow_environ",
     "not_blank",
     "probe_server",
+    "quiet_run_links",
     "run_link",
     "sqlite_path",
 ]
@@ -176,12 +177,19 @@ def environ_restored(names: T.Iterable[str]) -> T.Iterator[None]:
 
 
 @contextlib.contextmanager
+def quiet_run_links() -> T.Iterator[None]:
+    """Stop MLflow printing "View run ... at: <tracking URI>" (credentials included)."""
+    with environ_restored([QUIET_LINKS]):
+        os.environ[QUIET_LINKS] = "true"
+        yield
+
+
+@contextlib.contextmanager
 def mlflow_environ() -> T.Iterator[None]:
     """Quiet MLflow's credential-bearing run links; restore what MLflow wrote into the environment.
 
     ``mlflow.set_tracking_uri`` and friends write :data:`MLFLOW_GLOBALS` into ``os.environ``,
     where child processes would inherit them.
     """
-    with environ_restored((*MLFLOW_GLOBALS, QUIET_LINKS)):
-        os.environ[QUIET_LINKS] = "true"
+    with environ_restored(MLFLOW_GLOBALS), quiet_run_links():
         yield
