@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from regression_model_template.io.batching import BatchWriter, WriteError
 from regression_model_template.io.services import MlflowService, ServiceError
+from tests.conftest import LogCapture, Receiver
 
 RunConfig = MlflowService.RunConfig
 
@@ -233,3 +234,26 @@ def test_normal_interpreter_exit_writes_what_is_buffered(tmp_path: Path, mlflow_
     client, run_id = _only_run(mlflow_store)
     assert len(client.get_metric_history(run_id, "loss")) == 2000
     assert "cannot schedule new futures" not in result.stderr
+
+
+def test_a_store_slow_to_answer_is_warned_once_and_its_return_said(
+    receiver: Receiver, tmp_path: Path, captured_logs: LogCapture
+) -> None:
+    # given a tracking server that takes 1.5 s to answer each write (MLflow retrying inside)
+    receiver.delay = 1.5
+    client = MlflowClient(f"http://127.0.0.1:{receiver.port}")
+    writer = BatchWriter(client, tmp_path, slow_after=0.3, interval=0.05)
+
+    # when values are logged and flushed
+    started = time.monotonic()
+    writer.log_metrics("0123456789abcdef", {"loss": 1.0})
+    logged = time.monotonic() - started
+    writer.close()
+
+    # then the caller did not wait, one warning said the store was not answering and how many
+    # values wait, and one line said when it was back
+    assert logged < receiver.delay
+    assert receiver.requests[0].path.endswith("/runs/log-batch")
+    [warning] = captured_logs.messages("WARNING")
+    assert "cannot be reached (no answer for 0.3 s" in warning and "1 values wait" in warning
+    assert any("reachable again" in m for m in captured_logs.messages("INFO"))

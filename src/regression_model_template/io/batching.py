@@ -104,6 +104,8 @@ class BatchWriter:
         redact: masks secrets in error messages (``MlflowService.redact``).
         exit_timeout: seconds the interpreter's exit waits for the store to take what is
             spooled (the rest stays in the spool).
+        slow_after: seconds after which a write that has not returned counts as the store
+            being unreachable (warned once, with the number of values waiting).
 
     Raises:
         ServiceError: a run's spool folder cannot be created or written (``mlflow.spool_dir``).
@@ -133,6 +135,7 @@ class BatchWriter:
         max_backoff: float = 10.0,
         redact: T.Callable[[str], str] = str,
         exit_timeout: float = 60.0,
+        slow_after: float = 10.0,
     ) -> None:
         self._client = client
         self.spool_dir = Path(spool_dir)
@@ -143,6 +146,7 @@ class BatchWriter:
         self._max_backoff = max_backoff
         self._redact = redact
         self.exit_timeout = exit_timeout
+        self._slow_after = slow_after
         self._lock = threading.Condition()
         self._spools: dict[str, RunSpool] = {}
         self._owned: set[str] = set()  # runs released by finish_run, not by close
@@ -361,6 +365,15 @@ class BatchWriter:
         params = [Param(key, text) for key, text in batch.params]
         pause, refusals = self._backoff, 0
         while True:
+            # MLflow retries inside one call for minutes against a server that is down: say so
+            # as soon as a call takes longer than any healthy store would.
+            slow = threading.Timer(
+                self._slow_after,
+                self._note_unreachable,
+                (f"no answer for {self._slow_after:g} s, MLflow is retrying",),
+            )
+            slow.daemon = True
+            slow.start()
             try:
                 for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
                     chunk = params[start : start + MAX_PARAMS_PER_BATCH]
@@ -368,6 +381,7 @@ class BatchWriter:
                 if metrics or not params:
                     self._client.log_batch(spool.run_id, metrics=metrics, synchronous=True)
             except Exception as exc:
+                slow.cancel()
                 cause = self._redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
                 if is_refusal(exc):
                     refusals += 1
@@ -385,6 +399,7 @@ class BatchWriter:
                         raise _Abandoned() from None
                 pause = min(pause * 2, self._max_backoff)
                 continue
+            slow.cancel()
             if self._unreachable is not None:
                 self._unreachable = None
                 logger.info("The tracking store is reachable again: sending the spooled values")
