@@ -7,7 +7,6 @@ experiment and spools into its own ``tmp_path``.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import re
@@ -34,6 +33,7 @@ from regression_model_template.testing import (
     local_mlflow_server,
     mlflow_globals_restored,
 )
+from tests.integration.test_server import explain, secret_forms
 
 if T.TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -98,10 +98,6 @@ def _client(url: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=url, registry_uri=url)
-
-
-def _explain(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit code {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
 def test_an_outage_while_logging_stalls_nothing_and_loses_nothing(
@@ -284,9 +280,9 @@ def test_a_run_ending_in_an_outage_is_sent_later_by_recover(
     result = _recover(tmp_path, uri, spool_dir)
 
     # then every value landed once, and the run has the status its block recorded
-    assert result.returncode == 0, _explain(result)
+    assert result.returncode == 0, explain(result)
     runs = [line for line in result.stdout.splitlines() if line.startswith("run ")]
-    assert len(runs) == 1, _explain(result)
+    assert len(runs) == 1, explain(result)
     assert re.fullmatch(rf"run {run_id}: \d+ value\(s\) sent, ended FINISHED", runs[0])
     client = _client(up.url)
     history = [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
@@ -344,12 +340,6 @@ def test_stop_stops_the_writer_while_the_server_is_down(
     assert writers == []
 
 
-def _secret_forms(secret: str, user: str = "user") -> list[str]:
-    """The secret as it could leak: plain, URL-quoted, and inside a basic-auth header."""
-    basic = base64.b64encode(f"{user}:{secret}".encode()).decode()
-    return [secret, urllib.parse.quote(secret, safe=""), basic.rstrip("=")]
-
-
 @pytest.mark.parametrize("recover_with", ["command", "start"])
 def test_recovery_never_prints_the_credentials(
     up: RestartableServer,
@@ -377,7 +367,7 @@ def test_recovery_never_prints_the_credentials(
     # when it is recovered, by the command or by a service's start()
     if recover_with == "command":
         result = _recover(tmp_path, uri, spool_dir)
-        assert result.returncode == 0, _explain(result)
+        assert result.returncode == 0, explain(result)
         printed = result.stdout + result.stderr
     else:
         service = MlflowService(
@@ -392,7 +382,7 @@ def test_recovery_never_prints_the_credentials(
     # then it was sent, and nothing printed holds the password
     assert client.get_run(run_id).info.status == "KILLED"
     assert not (spool_dir / run_id).exists()
-    for form in _secret_forms(SECRET):
+    for form in secret_forms(SECRET):
         assert form not in printed, printed
 
 
