@@ -425,3 +425,11 @@ def test_alert_urls_never_appear_in_anything_the_process_writes(
     ]
     assert f'"json://127.0.0.1:{receiver.port}/***"' in urls_line  # shown masked, with its source
     assert urls_line.endswith("# environment RMT_ALERTS__URLS")
+
+
+def test_a_malformed_set_never_echoes_a_url(tmp_path: Path) -> None:
+    result = _cli(tmp_path, "check", "--set", f'alerts.urls:["json://127.0.0.1/{TOKEN}"]')
+
+    assert result.returncode == 2
+    assert "expected SECTION.FIELD=VALUE" in result.stderr
+    assert TOKEN not in result.stdout + result.stderr

@@ -32,12 +32,12 @@ from loguru import logger
 
 from regression_model_template.io.errors import ServiceError
 from regression_model_template.io.masking import RedactedError
-from regression_model_template.io.spool import RunSpool, read_records
+from regression_model_template.io.spool import Batch, RunSpool, read_batch
 
 if T.TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-__all__ = ["BatchWriter", "StoreUnreachable", "WriteError", "is_refusal"]
+__all__ = ["BatchWriter", "StoreUnreachable", "WriteError", "is_refusal", "write_batch"]
 
 # MLflow's limits for one log_batch call.
 MAX_METRICS_PER_BATCH = 1000
@@ -82,11 +82,20 @@ def is_refusal(error: BaseException) -> bool:
     return getattr(error, "error_code", None) in _REFUSALS
 
 
-class _Batch(T.NamedTuple):
-    metrics: list[T.Any]
-    params: list[T.Any]
-    end: int  # spool offset after the batch
-    values: int
+def write_batch(client: MlflowClient, run_id: str, batch: Batch) -> None:
+    """Write a spool batch with ``log_batch``, within MLflow's limits per call."""
+    from mlflow.entities import Metric, Param
+
+    params = [Param(key, text) for key, text in batch.params]
+    for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
+        client.log_batch(
+            run_id, params=params[start : start + MAX_PARAMS_PER_BATCH], synchronous=True
+        )
+    metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in batch.metrics]
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(
+            run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH], synchronous=True
+        )
 
 
 class BatchWriter:
@@ -341,7 +350,7 @@ class BatchWriter:
         while spool.sent < spool.written:
             if self._abandoned:
                 raise _Abandoned()  # stopped: what is left is for `recover`
-            batch = _read_batch(spool, spool.written)
+            batch = read_batch(spool.folder, spool.sent, until=spool.written)
             if batch.end <= spool.sent:
                 return
             with self._lock:
@@ -356,13 +365,7 @@ class BatchWriter:
                 self._written += batch.values
                 self._lock.notify_all()
 
-    def _send(self, spool: RunSpool, batch: _Batch) -> None:
-        from mlflow.entities import Metric, Param
-
-        metrics = [
-            Metric(key, value, timestamp, step) for key, value, timestamp, step in batch.metrics
-        ]
-        params = [Param(key, text) for key, text in batch.params]
+    def _send(self, spool: RunSpool, batch: Batch) -> None:
         pause, refusals = self._backoff, 0
         while True:
             # MLflow retries inside one call for minutes against a server that is down: say so
@@ -375,11 +378,7 @@ class BatchWriter:
             slow.daemon = True
             slow.start()
             try:
-                for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
-                    chunk = params[start : start + MAX_PARAMS_PER_BATCH]
-                    self._client.log_batch(spool.run_id, params=chunk, synchronous=True)
-                if metrics or not params:
-                    self._client.log_batch(spool.run_id, metrics=metrics, synchronous=True)
+                write_batch(self._client, spool.run_id, batch)
             except Exception as exc:
                 slow.cancel()
                 cause = self._redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
@@ -419,22 +418,6 @@ class BatchWriter:
 
 class _Abandoned(Exception):
     """The writer was closed while the store could not be reached: the spool keeps the rest."""
-
-
-def _read_batch(spool: RunSpool, until: int) -> _Batch:
-    """Read up to one batch of records from ``spool`` after what the store acknowledged."""
-    metrics: list[T.Any] = []
-    params: list[T.Any] = []
-    end = spool.sent
-    for offset, record in read_records(spool.folder, spool.sent):
-        if offset > until:
-            break
-        metrics.extend(record.get("m", ()))
-        params.extend(record.get("p", ()))
-        end = offset
-        if len(metrics) >= MAX_METRICS_PER_BATCH or len(params) >= MAX_PARAMS_PER_BATCH * 10:
-            break
-    return _Batch(metrics, params, end, values=len(metrics) + len(params))
 
 
 _open_writers: weakref.WeakSet[BatchWriter] = weakref.WeakSet()

@@ -60,15 +60,11 @@ def uri_secrets(uri: str | None) -> list[str]:
     """
     if not uri:
         return []
-    rest = uri.partition("//")[2] if "//" in uri else ""
-    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    secrets: list[str] = []
-    if "@" in netloc:
-        user, _, password = netloc.rpartition("@")[0].partition(":")
-        secret = password or user  # a lone user name (or one with an empty password): a token
-        if secret:
-            secrets.append(secret)
-    query = uri.partition("?")[2].partition("#")[0]
+    _, userinfo, _, rest = _channel_parts(uri)
+    user, _, password = userinfo.partition(":")
+    secret = password or user  # a lone user name (or one with an empty password): a token
+    secrets = [secret] if secret else []
+    query = rest.partition("?")[2].partition("#")[0]
     for key, value in urllib.parse.parse_qsl(query):
         if value and _SECRET_QUERY_KEYS.search(key):
             secrets.append(value)

@@ -32,13 +32,12 @@ import typing as T
 from pathlib import Path
 
 from regression_model_template.io import spool as _spool
+from regression_model_template.io.batching import write_batch
 
 if T.TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 __all__ = ["Recovered", "recover"]
-
-_BATCH = 1000
 
 
 class Recovered(T.NamedTuple):
@@ -93,35 +92,14 @@ def recover(
 
 
 def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], str]) -> Recovered:
-    from mlflow.entities import Metric, Param
-
-    run_id = folder.name
+    run_id, status, sent = folder.name, "KILLED", 0
     damage: list[str] = []
     offset = _spool.read_sent(folder)
-    status, sent = "KILLED", 0
-    metrics: list[Metric] = []
-    params: list[Param] = []
-
-    def send(end: int) -> None:
-        nonlocal sent
-        for start in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[start : start + 100], synchronous=True)
-        if metrics:
-            client.log_batch(run_id, metrics=metrics, synchronous=True)
-        sent += len(metrics) + len(params)
-        metrics.clear()
-        params.clear()
-        _spool.write_sent(folder, end)
-
     try:
-        end = offset
-        for end, record in _spool.read_records(folder, offset, damage):
-            metrics.extend(Metric(k, v, t, s) for k, v, t, s in record.get("m", ()))
-            params.extend(Param(k, v) for k, v in record.get("p", ()))
-            status = record.get("end", status)
-            if len(metrics) >= _BATCH or len(params) >= _BATCH:
-                send(end)
-        send(end)
+        while (batch := _spool.read_batch(folder, offset, damage=damage)).end > offset:
+            write_batch(client, run_id, batch)
+            _spool.write_sent(folder, batch.end)
+            offset, sent, status = batch.end, sent + batch.values, batch.status or status
         run = client.get_run(run_id)
         if run.info.status in ("RUNNING", "SCHEDULED"):
             client.set_terminated(run_id, status)
@@ -129,6 +107,7 @@ def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], s
             status = run.info.status  # it had ended already: keep what the store says
     except Exception as exc:
         cause = redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
-        return Recovered(run_id, sent, None, cause, tuple(damage), folder)
+        return Recovered(run_id, sent, None, cause, tuple(dict.fromkeys(damage)), folder)
     shutil.rmtree(folder, ignore_errors=True)
-    return Recovered(run_id, sent, status, None, tuple(damage), folder)
+    # the damage is met again by the read that finds nothing more: report it once
+    return Recovered(run_id, sent, status, None, tuple(dict.fromkeys(damage)), folder)

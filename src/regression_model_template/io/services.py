@@ -468,7 +468,7 @@ class MlflowService(Service):
 
         logs.stdlib_bridge.adopt()
         spool_dir = self._spool_dir()
-        for report in self.recover():  # what killed processes left for this store
+        for report in self._recover(spool_dir):  # what killed processes left for this store
             log = _logger.warning if report.waiting or report.damage else _logger.info
             log("Recovered from the spool: {}", report.summary())
         settings = self.model_dump()
@@ -608,7 +608,9 @@ class MlflowService(Service):
             >>> service.recover()
             []
         """
-        folder = self._spool_dir()
+        return self._recover(self._spool_dir())
+
+    def _recover(self, folder: Path) -> list[recovery.Recovered]:
         if not spool.spooled_runs(folder):
             return []
         with self._errors("tracking_uri", f"cannot use the tracking store {self._masked()}"):

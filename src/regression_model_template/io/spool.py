@@ -37,9 +37,11 @@ import typing as T
 from pathlib import Path
 
 __all__ = [
+    "Batch",
     "RunSpool",
     "default_spool_dir",
     "orphan",
+    "read_batch",
     "read_records",
     "read_sent",
     "run_info",
@@ -187,6 +189,51 @@ def _well_formed(record: object) -> bool:
         )
         and isinstance(end, str)
     )
+
+
+class Batch(T.NamedTuple):
+    """Records read from a spool: their values, where they end, and a recorded end status."""
+
+    metrics: list[list[T.Any]]  # [key, value, timestamp ms, step]
+    params: list[list[str]]  # [key, text]
+    end: int  # the spool offset after the last record read
+    status: str | None  # the run's end status, when its record was among them
+
+    @property
+    def values(self) -> int:
+        """How many values the batch holds."""
+        return len(self.metrics) + len(self.params)
+
+
+def read_batch(
+    folder: Path,
+    offset: int,
+    until: int | None = None,
+    damage: list[str] | None = None,
+    limit: int = 1000,
+) -> Batch:
+    """Read whole records after ``offset`` (up to ``until``) until ``limit`` metrics or params.
+
+    Example:
+        >>> import tempfile
+        >>> spool = RunSpool.create(Path(tempfile.mkdtemp()), "run1", store="sqlite:///m.db")
+        >>> _ = spool.append({"m": [["loss", 0.5, 1, 0]]}), spool.append({"end": "FINISHED"})
+        >>> read_batch(spool.folder, 0).status, read_batch(spool.folder, 0).values
+        ('FINISHED', 1)
+    """
+    metrics: list[list[T.Any]] = []
+    params: list[list[str]] = []
+    end, status = offset, None
+    for position, record in read_records(folder, offset, damage):
+        if until is not None and position > until:
+            break
+        metrics.extend(record.get("m", ()))
+        params.extend(record.get("p", ()))
+        status = record.get("end", status)
+        end = position
+        if len(metrics) >= limit or len(params) >= limit:
+            break
+    return Batch(metrics, params, end, status)
 
 
 def spooled_runs(spool_dir: Path) -> list[Path]:
