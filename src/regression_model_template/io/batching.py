@@ -169,8 +169,15 @@ class BatchWriter:
         self._error: WriteError | None = None
         self._reported = False  # the error has reached a caller: close() need not repeat it
         self._unreachable: str | None = None  # why the store cannot be reached, while it cannot
+        self._sending_since: float | None = None  # when the write in progress began
         self._thread = threading.Thread(target=self._run, name="mlflow-batch-writer", daemon=True)
         self._thread.start()
+        # Started now, not per write: Python 3.12 refuses new threads once the interpreter
+        # exits, which is when the exit hook's last writes happen.
+        self._watch = threading.Thread(
+            target=self._watch_slow, name="mlflow-write-watch", daemon=True
+        )
+        self._watch.start()
         _open_writers.add(self)
         _register_exit_hook()
 
@@ -367,42 +374,61 @@ class BatchWriter:
 
     def _send(self, spool: RunSpool, batch: Batch) -> None:
         pause, refusals = self._backoff, 0
+        while (error := self._attempt(spool.run_id, batch)) is not None:
+            cause = self._redact(f"{type(error).__name__}: {error}").splitlines()[0]
+            if is_refusal(error):
+                refusals += 1
+                if refusals > self._retries:
+                    raise WriteError(
+                        f"{batch.values} values could not be written to run {spool.run_id} "
+                        f"after {refusals} attempts: {cause} (kept in {spool.folder})"
+                    ) from RedactedError(cause)
+            else:
+                self._note_unreachable(cause)
+            with self._lock:
+                if not self._abandoned:
+                    self._lock.wait(pause)  # woken early by close()
+                if self._abandoned:
+                    raise _Abandoned()
+            pause = min(pause * 2, self._max_backoff)
+        if self._unreachable is not None:
+            self._unreachable = None
+            logger.info("The tracking store is reachable again: sending the spooled values")
+
+    def _attempt(self, run_id: str, batch: Batch) -> Exception | None:
+        """Write ``batch`` once, timed by the watch thread; the error, or None."""
+        with self._lock:
+            self._sending_since = time.monotonic()
+            self._lock.notify_all()
+        try:
+            write_batch(self._client, run_id, batch)
+        except Exception as exc:
+            return exc
+        finally:
+            with self._lock:
+                self._sending_since = None
+        return None
+
+    def _watch_slow(self) -> None:
+        """Warn when a write does not return within ``slow_after``.
+
+        MLflow retries inside one call for minutes against a server that is down: say so as
+        soon as a call takes longer than any healthy store would.
+        """
         while True:
-            # MLflow retries inside one call for minutes against a server that is down: say so
-            # as soon as a call takes longer than any healthy store would.
-            slow = threading.Timer(
-                self._slow_after,
-                self._note_unreachable,
-                (f"no answer for {self._slow_after:g} s, MLflow is retrying",),
-            )
-            slow.daemon = True
-            slow.start()
-            try:
-                write_batch(self._client, spool.run_id, batch)
-            except Exception as exc:
-                slow.cancel()
-                cause = self._redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
-                if is_refusal(exc):
-                    refusals += 1
-                    if refusals > self._retries:
-                        raise WriteError(
-                            f"{batch.values} values could not be written to run {spool.run_id} "
-                            f"after {refusals} attempts: {cause} (kept in {spool.folder})"
-                        ) from RedactedError(cause)
-                else:
-                    self._note_unreachable(cause)
-                with self._lock:
-                    if not self._abandoned:
-                        self._lock.wait(pause)  # woken early by close()
-                    if self._abandoned:
-                        raise _Abandoned() from None
-                pause = min(pause * 2, self._max_backoff)
-                continue
-            slow.cancel()
-            if self._unreachable is not None:
-                self._unreachable = None
-                logger.info("The tracking store is reachable again: sending the spooled values")
-            return
+            with self._lock:
+                while True:
+                    if self._abandoned or (self._closed and not self._thread.is_alive()):
+                        return
+                    since = self._sending_since
+                    if since is not None and self._unreachable is None:
+                        remaining = since + self._slow_after - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._lock.wait(remaining)
+                    else:
+                        self._lock.wait(self._slow_after)
+            self._note_unreachable(f"no answer for {self._slow_after:g} s, MLflow is retrying")
 
     def _note_unreachable(self, cause: str) -> None:
         if self._unreachable is None:
