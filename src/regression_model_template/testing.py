@@ -13,7 +13,7 @@ Installed with the package (entry point ``pytest11``), so any project that depen
 - ``service_container_packages``: override it to wire your own job packages.
 - ``mlflow_store``: the URI of a fresh SQLite tracking store under ``tmp_path``.
 
-Helpers: :func:`local_mlflow_server` (a real ``mlflow server`` on 127.0.0.1),
+Helpers: :func:`local_mlflow_server` (a real ``mlflow server`` on 127.0.0.1), :func:`free_port`,
 :func:`clean_environ` (an environment for subprocesses without your shell's settings) and
 :func:`mlflow_globals_restored`.
 
@@ -30,16 +30,11 @@ Example (a test in your project)::
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 import typing as T
-import urllib.request
 from pathlib import Path
 
 import pydantic
@@ -48,13 +43,16 @@ from dependency_injector import providers
 from loguru import logger
 
 from regression_model_template.containers import Container
+from regression_model_template.io import team_server
 from regression_model_template.io.services import AlertsService
 from regression_model_template.io.stores import MLFLOW_GLOBALS, environ_restored
+from regression_model_template.io.team_server import free_port
 
 __all__ = [
     "Alert",
     "RecordingAlertsService",
     "clean_environ",
+    "free_port",
     "local_mlflow_server",
     "mlflow_globals_restored",
 ]
@@ -244,28 +242,15 @@ def clean_environ(**extra: str) -> dict[str, str]:
     return environ
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on ``host`` that nothing listens on (right now).
-
-    Example:
-        >>> 0 < free_port() < 65536
-        True
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def local_mlflow_server(
     root: Path, startup_timeout: float = 60.0, port: int | None = None
 ) -> T.Iterator[str]:
     """Run a real ``mlflow server`` on 127.0.0.1 for the block; yield its URL.
 
-    SQLite store and proxied artifacts under ``root``, one worker and no background job runner
-    (ready in ~10 s instead of 20-26 s, see FIELD-NOTES.md). The server and every process it
-    started are stopped on exit (SIGTERM to its process group, then SIGKILL); on Linux, when
-    started from the main thread, it also gets SIGTERM if this process dies first.
+    SQLite store and proxied artifacts under ``root``, one worker (ready in ~10 s), started
+    and stopped by :func:`regression_model_template.io.team_server.mlflow_server`, in an
+    environment without your shell's MLflow settings (:func:`clean_environ`).
 
     ``port``: the port to listen on (default: a free one). Starting again with the same ``root``
     and ``port`` brings back the same server, as after an outage.
@@ -274,88 +259,12 @@ def local_mlflow_server(
         RuntimeError: the server exited or did not answer ``/health`` within
             ``startup_timeout`` seconds; the message ends with its output.
     """
-    port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = root / f"server-{time.time_ns()}.log"
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--workers", "1",
-    ]  # fmt: skip
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command,
-            cwd=root,
-            env=clean_environ(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stopped as a whole
-            # PR_SET_PDEATHSIG follows the starting *thread*: only the main thread's lives as
-            # long as the process (a server started from a helper thread would die with it).
-            preexec_fn=_die_with_parent if _main_thread_on_linux() else None,
-        )
-        try:
-            _wait_for_health(process, url, log, startup_timeout)
-            yield url
-        finally:
-            _stop_group(process)
-
-
-def _main_thread_on_linux() -> bool:
-    import threading
-
-    return sys.platform == "linux" and threading.current_thread() is threading.main_thread()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: receive SIGTERM when the parent dies (prctl PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def _wait_for_health(process: subprocess.Popen[bytes], url: str, log: Path, timeout: float) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
-    deadline = time.monotonic() + timeout
-    while True:
-        code = process.poll()
-        if code is not None:  # note: a taken port makes mlflow server exit with code 0
-            raise RuntimeError(f"mlflow server exited ({code}) before answering; " + _tail(log))
-        # refused or reset connections: not up yet
-        with contextlib.suppress(OSError), opener.open(f"{url}/health", timeout=2) as response:
-            if response.status == 200:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"mlflow server gave no /health within {timeout:g} s; " + _tail(log))
-        time.sleep(0.2)
-
-
-def _tail(log: Path, limit: int = 6000) -> str:
-    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
-    return "its output:\n" + text[-limit:]
-
-
-def _stop_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """Stop the process group led by ``process``: SIGTERM, wait, then SIGKILL what is left."""
-    group = process.pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGTERM)
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)
-        process.wait(grace)
-    deadline = time.monotonic() + grace  # workers may outlive the leader for a moment
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            pass
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGKILL)
+    with team_server.mlflow_server(
+        f"sqlite:///{root / 'mlflow.db'}",
+        root / "artifacts",
+        port=port,
+        startup_timeout=startup_timeout,
+        env=clean_environ(),
+        output=root / f"server-{time.time_ns()}.log",
+    ) as url:
+        yield url

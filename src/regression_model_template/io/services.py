@@ -467,6 +467,7 @@ class MlflowService(Service):
         import mlflow  # noqa: F401 -- it gives its loggers their own handlers: take them over
 
         logs.stdlib_bridge.adopt()
+        self._open_databases()
         spool_dir = self._spool_dir()
         for report in self._recover(spool_dir):  # what killed processes left for this store
             log = _logger.warning if report.waiting or report.damage else _logger.info
@@ -636,6 +637,23 @@ class MlflowService(Service):
     def _errors(self, setting: str, what: str) -> contextlib.AbstractContextManager[None]:
         secrets = uri_secrets(self.tracking_uri) + uri_secrets(self.registry_uri)
         return translated_errors("MlflowService", setting, what, secrets)
+
+    def _open_databases(self) -> None:
+        """Open each database store once, one process at a time (``stores.schema_lock``).
+
+        MLflow creates its tables on first use: jobs starting together on an empty database
+        would race.
+        """
+        for setting, uri, open_store in (
+            ("tracking_uri", self.tracking_uri, self.client),  # a client opens its store
+            ("registry_uri", self.registry, lambda: self.client().search_registered_models()),
+        ):
+            if stores.is_postgresql(uri) or stores.sqlite_path(uri) is not None:
+                with (
+                    stores.schema_lock(setting, uri, self.connect_timeout),
+                    self._errors(setting, f"cannot open the store {mask_uri(uri)}"),
+                ):
+                    open_store()
 
     def _check_stores(self) -> None:
         uris = {"tracking_uri": self.tracking_uri, "registry_uri": self.registry}

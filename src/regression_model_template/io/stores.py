@@ -16,8 +16,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import math
 import os
 import re
+import tempfile
 import typing as T
 import urllib.parse
 from pathlib import Path
@@ -34,11 +38,13 @@ __all__ = [
     "create_experiment_beside_store",
     "ensure_folders",
     "environ_restored",
+    "is_postgresql",
     "mlflow_environ",
     "not_blank",
     "probe_server",
     "quiet_run_links",
     "run_link",
+    "schema_lock",
     "sqlite_path",
 ]
 
@@ -121,6 +127,73 @@ def probe_server(uri: str, timeout: float) -> None:
             f"no answer from the tracking server {mask_uri(uri)} within {timeout:g} s "
             f"(mlflow.connect_timeout): {cause}",
         ) from RedactedError(cause)
+
+
+def is_postgresql(uri: str) -> bool:
+    """Whether ``uri`` is a PostgreSQL database (``postgresql://``, ``postgresql+psycopg2://``)."""
+    return urllib.parse.urlsplit(uri).scheme.startswith("postgresql")
+
+
+# Any fixed number: PostgreSQL advisory locks are per database, and only ours take this one.
+SCHEMA_LOCK_KEY = 0x726D745F736368  # "rmt_sch"
+
+
+@contextlib.contextmanager
+def schema_lock(setting: str, uri: str, timeout: float) -> T.Iterator[None]:
+    """Hold, for the block, a lock every process opening the database ``uri`` takes first.
+
+    MLflow creates its tables when it first opens an empty database; two processes doing it
+    at the same moment crash (PostgreSQL: ``UniqueViolation`` on ``pg_type``). Inside this
+    lock one creates them and the others find them. PostgreSQL: an advisory lock (good across
+    machines), also a probe bounded by ``timeout`` (MLflow's own retries take many minutes);
+    SQLite: a file lock in the temporary folder. Other stores: no lock.
+
+    Raises:
+        ServiceError: the PostgreSQL database cannot be reached within ``timeout`` seconds,
+            naming ``setting`` (credentials masked).
+
+    Example:
+        >>> with schema_lock("tracking_uri", "sqlite:///mlruns/mlflow.db", timeout=10):
+        ...     pass  # open the store here
+    """
+    if is_postgresql(uri):
+        with _advisory_lock(setting, uri, timeout):
+            yield
+    elif (path := sqlite_path(uri)) is not None:
+        digest = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:16]
+        lock = Path(tempfile.gettempdir()) / f"regression_model_template-schema-{digest}.lock"
+        with lock.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when closed, or when the process dies
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def _advisory_lock(setting: str, uri: str, timeout: float) -> T.Iterator[None]:
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(
+        uri, poolclass=NullPool, connect_args={"connect_timeout": max(1, math.ceil(timeout))}
+    )
+    try:
+        connection = engine.connect()
+    except Exception as exc:
+        cause = redact(f"{type(exc).__name__}: {exc}", uri_secrets(uri))
+        cause = cause.split("(Background on this error")[0].strip()  # SQLAlchemy's link
+        raise ServiceError(
+            SERVICE,
+            setting,
+            f"cannot connect to the database {mask_uri(uri)} within {timeout:g} s "
+            f"(mlflow.connect_timeout): {cause}",
+        ) from RedactedError(cause)
+    try:
+        connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({SCHEMA_LOCK_KEY})"))
+        yield
+    finally:
+        connection.close()  # closing the session releases the lock
+        engine.dispose()
 
 
 def run_link(uri: str, experiment_id: str, run_id: str) -> str | None:
