@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: install run test test-all lint docs bench clean
+.PHONY: install run test test-all lint docs bench server clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ docs: $(STAMP)  ## HTML API reference from the docstrings, into docs/api/ (open 
 
 bench: $(STAMP)  ## benchmarks against raw MLflow and loguru; writes benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/run.py
+
+# The team's tracking stack, in the foreground until Ctrl-C: PostgreSQL (its cluster in
+# $(SERVER_DIR)/postgres, created on first use and kept) and mlflow server on 127.0.0.1:$(PORT).
+PORT ?= 5000
+SERVER_DIR ?= .server
+WORKERS ?= 2
+
+server: $(STAMP)  ## PostgreSQL + mlflow server on 127.0.0.1:$(PORT) (make server PORT=5001); Ctrl-C stops both
+	$(BIN)/regression-model-template server --port $(PORT) --folder $(SERVER_DIR) --workers $(WORKERS)
 
 clean:
 	rm -rf $(VENV) .nox .mypy_cache .pytest_cache .ruff_cache $(DOCS)

@@ -6,6 +6,7 @@ Commands:
     config schema  the JSON schema of the configuration
     check        start each service and report what works (--alert: send a test alert)
     recover      send what killed jobs left in the spool, and end their runs
+    server       the team's tracking stack in the foreground: PostgreSQL and mlflow server
 
 Exit codes: 0 success, 1 a job or a check failed, 2 bad command-line input or configuration.
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import typing as T
 
 if T.TYPE_CHECKING:
@@ -80,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "recover", parents=[settings], help="send what killed jobs left in the spool"
     )
+    server = commands.add_parser(
+        "server",
+        help="run PostgreSQL and an mlflow server on 127.0.0.1 until Ctrl-C (make server)",
+    )
+    server.add_argument("--port", type=int, default=5000, help="the server's port (5000)")
+    server.add_argument(
+        "--folder",
+        default=".server",
+        help="where the database, the artifacts and the logs are kept (.server)",
+    )
+    server.add_argument(
+        "--workers", type=int, default=2, help="mlflow server processes (2; see the README)"
+    )
     check = commands.add_parser("check", parents=[settings], help="start each service, report")
     check.add_argument(
         "--alert",
@@ -104,6 +119,8 @@ def main(argv: T.Sequence[str] | None = None) -> int:
     try:
         if args.command == "config" and args.config_command == "schema":
             return _schema()
+        if args.command == "server":
+            return _serve(args.folder, args.port, args.workers)
         container = _container(args.profile, args.overrides)
         if args.command == "config":
             return _show(container)
@@ -268,6 +285,34 @@ def _check_mlflow(service: T.Any) -> str:
         service.log_params({"check": "ok"})
     service.client().delete_run(run.info.run_id)
     return f"ok: tracking store {service.redact(service.tracking_uri)} is reachable and writable"
+
+
+def _serve(folder: str, port: int, workers: int) -> int:
+    """Run the team stack until Ctrl-C or SIGTERM; both stop either way."""
+    from pathlib import Path
+
+    from regression_model_template.io import team_server
+    from regression_model_template.io.tracking import Terminated, sigterm_unwinds
+
+    if not 0 < port < 65536 or workers < 1:
+        raise UsageError(f"--port must be 1-65535 and --workers at least 1 (got {port}, {workers})")
+    print(f"starting PostgreSQL and mlflow server in {folder}/ ...", flush=True)
+    try:
+        with sigterm_unwinds(), team_server.team_server(Path(folder), port, workers) as stack:
+            print(
+                f"tracking server ready: {stack.url} (database {stack.database})\n"
+                f"  MLFLOW_TRACKING_URI={stack.url} {PROG} run training --profile server\n"
+                "Ctrl-C stops it.",
+                flush=True,
+            )
+            while True:
+                time.sleep(3600)
+    except (KeyboardInterrupt, Terminated):
+        print("stopped: mlflow server and PostgreSQL", flush=True)
+        return 0
+    except (RuntimeError, OSError) as error:  # PostgresUnavailable is a RuntimeError
+        print(f"error: the tracking stack did not start: {error}", file=sys.stderr)
+        return 1
 
 
 def entry_point() -> None:

@@ -1,14 +1,23 @@
-"""Fixtures of the integration suite: one real ``mlflow server`` per session, on 127.0.0.1."""
+"""Fixtures of the integration suite: real servers on 127.0.0.1, one of each per session."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from regression_model_template.testing import local_mlflow_server
+from regression_model_template.io.team_server import (
+    PostgresUnavailable,
+    TeamServer,
+    postgres_bin,
+    team_server,
+)
+from regression_model_template.testing import free_port, local_mlflow_server
 
 # These machines have no internet: keep MLflow's telemetry quiet in the test process too.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -21,3 +30,37 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with local_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
         sys.stderr.write(f"\nmlflow server ready at {url}\n")
         yield url
+
+
+@pytest.fixture(scope="session")
+def team_stack() -> Iterator[TeamServer]:
+    """The team's stack, as ``make server`` runs it: PostgreSQL and an mlflow server on it.
+
+    PostgreSQL is installed first when missing (as root, Debian). Where it cannot be had, the
+    tests using this skip with the reason, except on CI (``CI`` set), where they fail.
+    """
+    require_postgres()
+    folder = postgres_folder("rmt-team-server-")
+    try:
+        with team_server(folder, port=free_port(), workers=2) as stack:
+            sys.stderr.write(f"\nteam server ready at {stack.url} on {stack.database}\n")
+            yield stack
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def require_postgres() -> None:
+    """Skip the test when PostgreSQL cannot be had here (fail on CI)."""
+    try:
+        postgres_bin()
+    except PostgresUnavailable as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required on CI: {error}")
+        pytest.skip(f"PostgreSQL is not available: {error}")
+
+
+def postgres_folder(prefix: str) -> Path:
+    """A new folder the ``postgres`` user can reach (pytest's are closed to other users)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o755)
+    return folder

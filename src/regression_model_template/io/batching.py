@@ -4,13 +4,15 @@
 ``MlflowClient.log_batch`` writes up to 1,000 values per call. :class:`BatchWriter` appends
 each call's values to the run's spool (:mod:`.spool`) in microseconds and returns; a background
 thread reads the spool and writes it with ``log_batch``, then records what the store
-acknowledged. Memory holds at most one batch, however long the backlog.
+acknowledged. Memory holds at most ``uploads`` batches, however long the backlog.
 
 - A killed process loses nothing: the values are the kernel's, and the next start (or
   ``regression-model-template recover``) sends them.
 - An unreachable store stalls nobody: the backlog grows on disk, the writer retries with capped
   backoff for as long as it takes, and says once that the store is unreachable, and again when
   it is back.
+- A tracking server with several workers takes ``uploads`` batches at once (calls in
+  parallel); a database store is written by one call at a time.
 - Values the store *refuses* (a changed parameter, a deleted run) are retried ``retries`` times,
   then every later call raises :class:`WriteError`; they stay in the spool.
 
@@ -33,27 +35,17 @@ from loguru import logger
 from regression_model_template.io.errors import ServiceError
 from regression_model_template.io.masking import RedactedError
 from regression_model_template.io.spool import Batch, RunSpool, read_batch
+from regression_model_template.io.uploads import (
+    MAX_METRICS_PER_BATCH,
+    Uploaders,
+    batch_calls,
+    is_refusal,
+)
 
 if T.TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-__all__ = ["BatchWriter", "StoreUnreachable", "WriteError", "is_refusal", "write_batch"]
-
-# MLflow's limits for one log_batch call.
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_PER_BATCH = 100
-
-# Errors by which a store refuses the values themselves: sending them again cannot help.
-_REFUSALS = frozenset(
-    {
-        "BAD_REQUEST",
-        "INVALID_PARAMETER_VALUE",
-        "INVALID_STATE",
-        "PERMISSION_DENIED",
-        "RESOURCE_DOES_NOT_EXIST",
-        "UNAUTHENTICATED",
-    }
-)
+__all__ = ["BatchWriter", "StoreUnreachable", "WriteError"]
 
 
 class WriteError(ServiceError):
@@ -77,27 +69,6 @@ class StoreUnreachable(WriteError):
     """
 
 
-def is_refusal(error: BaseException) -> bool:
-    """Whether ``error`` is the store refusing the values (not the store being unreachable)."""
-    return getattr(error, "error_code", None) in _REFUSALS
-
-
-def write_batch(client: MlflowClient, run_id: str, batch: Batch) -> None:
-    """Write a spool batch with ``log_batch``, within MLflow's limits per call."""
-    from mlflow.entities import Metric, Param
-
-    params = [Param(key, text) for key, text in batch.params]
-    for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
-        client.log_batch(
-            run_id, params=params[start : start + MAX_PARAMS_PER_BATCH], synchronous=True
-        )
-    metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in batch.metrics]
-    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(
-            run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH], synchronous=True
-        )
-
-
 class BatchWriter:
     """Spool values per run; write them with ``log_batch`` in the background.
 
@@ -115,6 +86,8 @@ class BatchWriter:
             spooled (the rest stays in the spool).
         slow_after: seconds after which a write that has not returned counts as the store
             being unreachable (warned once, with the number of values waiting).
+        uploads: ``log_batch`` calls in flight at once (1: one at a time). More than one
+            helps a tracking server with several workers; a database store gets one.
 
     Raises:
         ServiceError: a run's spool folder cannot be created or written (``mlflow.spool_dir``).
@@ -145,6 +118,7 @@ class BatchWriter:
         redact: T.Callable[[str], str] = str,
         exit_timeout: float = 60.0,
         slow_after: float = 10.0,
+        uploads: int = 1,
     ) -> None:
         self._client = client
         self.spool_dir = Path(spool_dir)
@@ -156,6 +130,8 @@ class BatchWriter:
         self._redact = redact
         self.exit_timeout = exit_timeout
         self._slow_after = slow_after
+        self._uploads = Uploaders(uploads)
+        self._batch_limit = MAX_METRICS_PER_BATCH * uploads
         self._lock = threading.Condition()
         self._spools: dict[str, RunSpool] = {}
         self._owned: set[str] = set()  # runs released by finish_run, not by close
@@ -283,6 +259,7 @@ class BatchWriter:
                 self._closed = self._abandoned = True  # what is left stays in the spool
                 self._lock.notify_all()
             self._thread.join(1.0)
+            self._uploads.close()
             for run_id in [r for r in list(self._spools) if r not in self._owned]:
                 self.finish_run(run_id)
             _open_writers.discard(self)
@@ -295,7 +272,7 @@ class BatchWriter:
 
     @property
     def buffered(self) -> int:
-        """Values held in memory by the writer (at most one batch)."""
+        """Values held in memory by the writer (at most ``uploads`` batches)."""
         with self._lock:
             return self._held
 
@@ -357,7 +334,9 @@ class BatchWriter:
         while spool.sent < spool.written:
             if self._abandoned:
                 raise _Abandoned()  # stopped: what is left is for `recover`
-            batch = read_batch(spool.folder, spool.sent, until=spool.written)
+            batch = read_batch(
+                spool.folder, spool.sent, until=spool.written, limit=self._batch_limit
+            )
             if batch.end <= spool.sent:
                 return
             with self._lock:
@@ -401,7 +380,7 @@ class BatchWriter:
             self._sending_since = time.monotonic()
             self._lock.notify_all()
         try:
-            write_batch(self._client, run_id, batch)
+            self._uploads.run(batch_calls(self._client, run_id, batch))
         except Exception as exc:
             return exc
         finally:

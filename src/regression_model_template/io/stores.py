@@ -39,6 +39,7 @@ __all__ = [
     "ensure_folders",
     "environ_restored",
     "is_postgresql",
+    "is_server",
     "mlflow_environ",
     "not_blank",
     "probe_server",
@@ -127,6 +128,11 @@ def probe_server(uri: str, timeout: float) -> None:
             f"no answer from the tracking server {mask_uri(uri)} within {timeout:g} s "
             f"(mlflow.connect_timeout): {cause}",
         ) from RedactedError(cause)
+
+
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` is a tracking server (``http://``, ``https://``)."""
+    return urllib.parse.urlsplit(uri).scheme in ("http", "https")
 
 
 def is_postgresql(uri: str) -> bool:

@@ -17,8 +17,8 @@ bounded, tidy stop when the caller's block ends.
 
 Example (not run here: it starts servers)::
 
-    with team_server(Path(".server"), port=5000) as url:
-        print(f"MLFLOW_TRACKING_URI={url}")
+    with team_server(Path(".server"), port=5000) as stack:
+        print(f"MLFLOW_TRACKING_URI={stack.url}")
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from pathlib import Path
 
 __all__ = [
     "PostgresUnavailable",
+    "TeamServer",
+    "create_database",
     "free_port",
     "mlflow_server",
     "postgres_bin",
@@ -146,7 +148,7 @@ def postgres_cluster(folder: Path, port: int | None = None) -> T.Iterator[str]:
     try:
         _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "-l", log, "-o", options, "-w", "-t", "60",
             "start", log=log)  # fmt: skip
-        yield _create_database(port)
+        yield create_database(f"postgresql://{SUPERUSER}@127.0.0.1:{port}", DATABASE)
     finally:
         if _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "status", check=False) == 0:
             _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop", check=False)
@@ -185,15 +187,18 @@ def _pg(
     return done.returncode
 
 
-def _create_database(port: int) -> str:
-    import psycopg
+def create_database(server: str, name: str) -> str:
+    """Create database ``name`` (unless it exists) on ``server`` (``postgresql://user@host:port``).
 
-    server = f"postgresql://{SUPERUSER}@127.0.0.1:{port}"
+    Returns its URI. ``name`` is a plain identifier (letters, digits, underscores).
+    """
+    import psycopg
+    from psycopg import sql
+
     with psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=10) as db:
-        if db.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone():
-            return f"{server}/{DATABASE}"
-        db.execute(f"CREATE DATABASE {DATABASE}")
-    return f"{server}/{DATABASE}"
+        if not db.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            db.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return f"{server}/{name}"
 
 
 # %% mlflow server
@@ -270,12 +275,20 @@ def mlflow_server(
             _stop_group(process)
 
 
+class TeamServer(T.NamedTuple):
+    """A running stack: the tracking server's URL and its PostgreSQL database's URI."""
+
+    url: str
+    database: str
+
+
 @contextlib.contextmanager
-def team_server(folder: Path, port: int = 5000, workers: int = 2) -> T.Iterator[str]:
-    """PostgreSQL in ``folder/postgres`` and ``mlflow server`` on ``port``; yield its URL.
+def team_server(folder: Path, port: int = 5000, workers: int = 2) -> T.Iterator[TeamServer]:
+    """PostgreSQL in ``folder/postgres`` and ``mlflow server`` on ``port``, for the block.
 
     Artifacts go to ``folder/artifacts``, the server's output to ``folder/server.log``. Both
-    are kept between runs; both processes stop when the block ends.
+    are kept between runs; both processes stop when the block ends. ``workers``: see the
+    README's "A tracking server for the team" (2 suits a 2-core machine).
     """
     folder = Path(folder).absolute()
     with (
@@ -289,7 +302,7 @@ def team_server(folder: Path, port: int = 5000, workers: int = 2) -> T.Iterator[
             output=folder / "server.log",
         ) as url,
     ):
-        yield url
+        yield TeamServer(url, database)
 
 
 def _main_thread_on_linux() -> bool:
