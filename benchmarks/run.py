@@ -2,8 +2,10 @@
 
 Usage (``make bench`` runs the full set and writes benchmarks/RESULTS.md)::
 
-    python benchmarks/run.py              # full: SQLite and a local `mlflow server`
+    python benchmarks/run.py              # full: SQLite, a local `mlflow server`, the team server
     python benchmarks/run.py --quick      # small sizes, no server: checks that it all runs
+    python benchmarks/run.py --only team,job   # some groups only; prints, writes no table
+                                               # unless --output is given
 
 Each figure is a median over repeats, divided by its baseline measured in the same run: these
 machines are noisy, ratios are what we compare.
@@ -39,10 +41,14 @@ class Sizes(T.NamedTuple):
     per_call_sample: int  # values timed for the per-call baseline (then scaled)
     log_calls: int
     repeats: int
+    team_jobs: int = 8  # concurrent jobs against the team server
+    team_values: int = 20_000  # values each job logs through MlflowService.log_metrics
+    team_sample: int = 200  # values each job logs with per-call mlflow.log_metric (then scaled)
 
 
 FULL = Sizes(steps=2000, per_call_sample=500, log_calls=100_000, repeats=5)
-QUICK = Sizes(steps=40, per_call_sample=20, log_calls=2_000, repeats=1)
+QUICK = Sizes(steps=40, per_call_sample=20, log_calls=2_000, repeats=1, team_jobs=2,
+              team_values=500, team_sample=20)  # fmt: skip
 METRICS = ("loss", "rmse", "mae", "r2", "lr")
 
 
@@ -459,6 +465,316 @@ def _wait_for(url: str, timeout: float = 120.0) -> None:
     raise AssertionError(f"no server at {url}")
 
 
+# %% 8. the team's tracking server (PostgreSQL-backed `mlflow server`, 4 workers)
+
+TEAM_WORKERS = 4  # as a team would run it (MLflow's default); this machine has 2 cores
+
+# One job process: starts, reports "ready" with its run started, waits for "go" on stdin, logs
+# one value per call, then prints {"run_id", "start", "end"}: the end is after the run ended
+# (for the service: after the final flush).
+TEAM_JOB = """
+import json, sys, time
+url, experiment, spool, name, count, mode = sys.argv[1:7]
+count = int(count)
+if mode == "service":
+    from regression_model_template.io.services import MlflowService
+    service = MlflowService(tracking_uri=url, experiment_name=experiment, spool_dir=spool,
+                            autolog_disable=True)
+    config = MlflowService.RunConfig(name=name, log_system_metrics=False)
+    with service:
+        with service.run_context(config) as run:
+            print("ready", flush=True)
+            sys.stdin.readline()
+            start = time.time()
+            for step in range(count):
+                service.log_metrics({"loss": step * 0.5}, step=step)
+        end = time.time()
+else:  # per-call mlflow.log_metric
+    import mlflow
+    mlflow.set_tracking_uri(url)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=name, log_system_metrics=False) as run:
+        print("ready", flush=True)
+        sys.stdin.readline()
+        start = time.time()
+        for step in range(count):
+            mlflow.log_metric("loss", step * 0.5, step=step)
+        end = time.time()
+print(json.dumps({"run_id": run.info.run_id, "start": start, "end": end}), flush=True)
+"""
+
+
+def _team_jobs(
+    url: str, folder: Path, experiment: str, jobs: int, count: int, mode: str
+) -> tuple[float, list[str]]:
+    """Run ``jobs`` job processes at once; return the span from the first start to the last end."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=url)
+    if client.get_experiment_by_name(experiment) is None:  # not 8 processes racing to create it
+        client.create_experiment(experiment)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    environ.pop("MLFLOW_REGISTRY_URI", None)
+    logs = [folder / f"{experiment}-{i}.log" for i in range(jobs)]
+    processes = []
+    for i, log in enumerate(logs):
+        argv = [
+            url,
+            experiment,
+            str(folder / f"spool-{experiment}-{i}"),
+            f"job{i}",
+            str(count),
+            mode,
+        ]
+        with log.open("w") as errors:
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", TEAM_JOB, *argv],
+                    env=environ,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=errors,
+                    text=True,
+                )
+            )
+    try:
+        for process, log in zip(processes, logs, strict=True):
+            assert process.stdout is not None
+            if process.stdout.readline().strip() != "ready":
+                raise AssertionError(f"team job did not start: {log.read_text()[-3000:]}")
+        for process in processes:  # all ready: start them together
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        reports = []
+        for process, log in zip(processes, logs, strict=True):
+            stdout, _ = process.communicate(timeout=1800)
+            if process.returncode != 0:
+                raise AssertionError(f"team job failed: {log.read_text()[-3000:]}")
+            reports.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    span = max(r["end"] for r in reports) - min(r["start"] for r in reports)
+    return span, [r["run_id"] for r in reports]
+
+
+def _stored_values(database: str, run_ids: list[str]) -> list[int]:
+    """How many values of ``loss`` the server stored for each run (read from PostgreSQL)."""
+    import psycopg
+
+    with psycopg.connect(database) as db:
+        return [
+            T.cast(
+                tuple[int],
+                db.execute(
+                    "SELECT count(DISTINCT step) FROM metrics WHERE run_uuid = %s AND key = 'loss'",
+                    (run_id,),
+                ).fetchone(),
+            )[0]
+            for run_id in run_ids
+        ]
+
+
+def bench_team_load(url: str, database: str, folder: Path, sizes: Sizes) -> list[Row]:
+    """8 job processes at once: aggregate values/s, the service vs per-call ``log_metric``."""
+    jobs = sizes.team_jobs
+    ours_span, ours_runs = _team_jobs(url, folder, "bench-team-service", jobs,
+                                      sizes.team_values, "service")  # fmt: skip
+    base_span, base_runs = _team_jobs(url, folder, "bench-team-per-call", jobs,
+                                      sizes.team_sample, "per-call")  # fmt: skip
+    if _stored_values(database, ours_runs) != [sizes.team_values] * jobs:
+        raise AssertionError(f"team load: {_stored_values(database, ours_runs)} values stored")
+    if _stored_values(database, base_runs) != [sizes.team_sample] * jobs:
+        raise AssertionError("team load: the per-call baseline lost values")
+    ours = jobs * sizes.team_values / ours_span
+    base = jobs * sizes.team_sample / base_span
+    return [
+        _rate_row(
+            f"team server, {jobs} jobs at once: values/s through log_metrics vs per-call "
+            f"log_metric ({sizes.team_values:,} and {sizes.team_sample:,} values/job)",
+            ours, base, 50,
+        )
+    ]  # fmt: skip
+
+
+def bench_team_one_job(url: str, database: str, folder: Path, sizes: Sizes) -> list[Row]:
+    """One job: 20,000 values through the service (1, 2, 4 uploads) vs serial bulk log_batch."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from regression_model_template.io.services import MlflowService
+
+    experiment, count = "bench-team-one", sizes.team_values
+    client = MlflowClient(tracking_uri=url)
+    experiment_id = (
+        found.experiment_id
+        if (found := client.get_experiment_by_name(experiment))
+        else client.create_experiment(experiment)
+    )
+    uploads = (2, 1, 4)
+    times: dict[int | str, list[float]] = {n: [] for n in uploads}
+    times["bulk"] = []
+    runs: dict[int | str, list[str]] = {key: [] for key in times}
+
+    def ours(parallel: int) -> None:
+        service = MlflowService(
+            tracking_uri=url,
+            experiment_name=experiment,
+            spool_dir=str(folder / "spool-one"),
+            autolog_disable=True,
+            parallel_uploads=parallel,
+        )
+        config = MlflowService.RunConfig(name=f"uploads-{parallel}", log_system_metrics=False)
+        with service:
+            with service.run_context(config) as run:
+                start = time.perf_counter()
+                for step in range(count):
+                    service.log_metrics({"loss": step * 0.5}, step=step)
+            times[parallel].append(time.perf_counter() - start)  # + the flush at the run's end
+        runs[parallel].append(run.info.run_id)
+
+    def bulk() -> None:
+        run_id = client.create_run(experiment_id, run_name="bulk").info.run_id
+        now = int(time.time() * 1000)
+        values = [Metric("loss", step * 0.5, now, step) for step in range(count)]
+        start = time.perf_counter()
+        for i in range(0, count, 1000):
+            client.log_batch(run_id, metrics=values[i : i + 1000])
+        times["bulk"].append(time.perf_counter() - start)
+        client.set_terminated(run_id)
+        runs["bulk"].append(run_id)
+
+    sides: list[T.Callable[[], None]] = [bulk, *(lambda n=n: ours(n) for n in uploads)]
+    for repeat in range(max(sizes.repeats - 2, 1)):  # interleaved, rotating who goes first
+        for side in sides[repeat % len(sides) :] + sides[: repeat % len(sides)]:
+            side()
+    for key, run_ids in runs.items():
+        if _stored_values(database, run_ids) != [count] * len(run_ids):
+            raise AssertionError(f"team one job ({key}): values lost")
+    base = _median(times["bulk"])
+    name = f"team server, one job: {count:,} values incl. flush"
+    return [
+        _row(f"{name}, 2 parallel uploads (default) vs serial log_batch of 1,000",
+             _median(times[2]), "s", base, 0.8, "<= 0.8x"),
+        _row(f"{name}, 1 upload at a time vs serial log_batch", _median(times[1]), "s", base,
+             None, "(information)"),
+        _row(f"{name}, 4 parallel uploads vs serial log_batch", _median(times[4]), "s", base,
+             None, "(information)"),
+    ]  # fmt: skip
+
+
+def bench_team(folder: Path, sizes: Sizes) -> list[Row]:
+    """The rows on the team's stack: PostgreSQL and ``mlflow server`` with 4 workers."""
+    from regression_model_template.io.team_server import free_port, team_server
+
+    with team_server(folder, port=free_port(), workers=TEAM_WORKERS) as stack:
+        rows = bench_team_load(stack.url, stack.database, folder, sizes)
+        rows += bench_team_one_job(stack.url, stack.database, folder, sizes)
+        rows += bench_job(folder, sizes, uri=stack.url, label="server")
+    return rows
+
+
+# %% 9. job overhead: the training job against the same training in raw MLflow
+
+
+def bench_job(
+    folder: Path, sizes: Sizes, uri: str | None = None, label: str = "sqlite"
+) -> list[Row]:
+    """``jobs.run("training")`` in-process (as the CLI runs it) vs raw MLflow, same store."""
+    import mlflow
+    from loguru import logger
+    from mlflow.tracking import MlflowClient
+
+    from regression_model_template import jobs
+    from regression_model_template.containers import Container
+    from regression_model_template.jobs import JobsConfig
+    from regression_model_template.jobs.data import load_split, regression_metrics
+    from regression_model_template.jobs.training import _predicted_vs_actual
+
+    uri = uri or f"sqlite:///{folder}/job.db"
+    experiment, registered = f"bench-job-{label}", f"bench_job_{label}"
+    config = {
+        "logger": {"sink": str(folder / f"job-{label}.log")},
+        "alerts": {"enable": False},
+        "mlflow": {
+            "tracking_uri": uri,
+            "experiment_name": experiment,
+            "registry_name": registered,
+            "spool_dir": str(folder / f"spool-job-{label}"),
+        },
+    }
+
+    def ours() -> None:
+        container = Container(config=config, profile=False, environ={})
+        jobs.run("training", container)
+
+    def raw() -> None:
+        """The training job's steps written with MLflow's and loguru's own calls."""
+        import sklearn
+        from mlflow.models import infer_signature
+        from sklearn.linear_model import Ridge
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        handler = logger.add(str(folder / f"job-raw-{label}.log"), diagnose=False)
+        try:
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_registry_uri(uri)
+            mlflow.set_experiment(experiment)
+            mlflow.autolog(log_models=False, log_datasets=False)
+            settings = JobsConfig()
+            x_train, x_test, y_train, y_test = load_split(settings)
+            model = make_pipeline(StandardScaler(), Ridge(alpha=settings.alpha))
+            with mlflow.start_run(run_name="training", tags={"job": "training"}) as run:
+                logger.info("Training a ridge regression on {} rows", len(x_train))
+                model.fit(x_train, y_train)
+                predictions = model.predict(x_test)
+                metrics = regression_metrics(y_test, predictions)
+                mlflow.log_params(settings.model_dump())
+                mlflow.log_metrics(metrics)
+                info = mlflow.sklearn.log_model(
+                    model,
+                    name="model",
+                    signature=infer_signature(x_test, predictions),
+                    pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+                )
+                mlflow.log_figure(
+                    _predicted_vs_actual(y_test, predictions), "predicted_vs_actual.png"
+                )
+                version = mlflow.register_model(info.model_uri, registered).version
+                MlflowClient().set_registered_model_alias(registered, settings.model_alias, version)
+            logger.info("Registered {} version {}", registered, version)
+            print(f"training finished: rmse={metrics['rmse']:.2f} run {run.info.run_id}")
+        finally:
+            logger.remove(handler)
+
+    times: dict[str, list[float]] = {"ours": [], "raw": []}
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        ours()  # creates the store and warms imports: both sides use an existing store
+        raw()
+        for repeat in range(max(sizes.repeats, 3)):  # alternate which side goes first
+            first, second = (ours, raw) if repeat % 2 == 0 else (raw, ours)
+            spent = {first: _timed(first), second: _timed(second)}
+            times["ours"].append(spent[ours])
+            times["raw"].append(spent[raw])
+    finished = MlflowClient(tracking_uri=uri).search_runs(
+        [T.cast(T.Any, mlflow.get_experiment_by_name(experiment)).experiment_id]
+    )
+    if any(run.info.status != "FINISHED" for run in finished):
+        raise AssertionError(f"job {label}: a training run did not finish")
+    store = "SQLite" if label == "sqlite" else f"team server, {TEAM_WORKERS} workers"
+    goal = ("<= 1.1x", 1.1) if label == "sqlite" else ("(information)", None)
+    return [
+        _row(f"job overhead ({store}): run training vs the same training in raw MLflow",
+             _median(times["ours"]), "s", _median(times["raw"]), goal[1], goal[0]),
+    ]  # fmt: skip
+
+
 # %% report
 
 
@@ -493,6 +809,19 @@ def _row(
     return (name, f"{value:.3g} {unit}", base_text, ratio_text, f"{goal} {verdict}".strip())
 
 
+def _rate_row(name: str, ours: float, baseline: float, goal: float) -> Row:
+    """A rate (higher is better): ours, the baseline, ours / baseline against ``>= goal x``."""
+    ratio = ours / baseline
+    verdict = "met" if ratio >= goal else "MISSED"
+    return (
+        name,
+        f"{ours:,.0f} /s",
+        f"{baseline:,.0f} /s",
+        f"{ratio:.1f}x",
+        f">= {goal:g}x {verdict}",
+    )
+
+
 def write_results(rows: list[Row], path: Path, note: str) -> None:
     lines = [
         "# Benchmark results",
@@ -509,29 +838,62 @@ def write_results(rows: list[Row], path: Path, note: str) -> None:
     path.write_text("\n".join(lines))
 
 
+GROUPS = ("metrics", "outage", "team", "job", "injection", "lifecycle", "logging", "alerts",
+          "cold")  # fmt: skip
+SERVER_GROUPS = ("outage", "team")  # need a server: skipped by --quick
+
+
 def main(argv: T.Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="small sizes, no server")
-    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--only",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=list(GROUPS),
+        help=f"comma-separated groups to run ({', '.join(GROUPS)}); default: all. The table is "
+        "then written only with an explicit --output",
+    )
+    parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
+    unknown = set(args.only) - set(GROUPS)
+    if unknown:
+        parser.error(f"unknown group(s) {', '.join(sorted(unknown))} (known: {', '.join(GROUPS)})")
+    partial = set(args.only) != set(GROUPS)
+    output = args.output or (None if partial else HERE / "RESULTS.md")
     sizes = QUICK if args.quick else FULL
+    wanted = {g for g in args.only if not (args.quick and g in SERVER_GROUPS)}
     folder = Path(tempfile.mkdtemp(prefix="rmt-bench-"))
+    folder.chmod(0o755)  # the team server's PostgreSQL (user postgres) must reach it
     rows: list[Row] = []
     try:
-        rows += bench_metrics(f"sqlite:///{folder}/metrics.db", "sqlite", sizes)
-        if not args.quick:
-            with local_mlflow_server(folder) as url:
-                rows += bench_metrics(url, "http", sizes)
+        if "metrics" in wanted:
+            rows += bench_metrics(f"sqlite:///{folder}/metrics.db", "sqlite", sizes)
+            if not args.quick:
+                with local_mlflow_server(folder) as url:
+                    rows += bench_metrics(url, "http", sizes)
+        if "outage" in wanted:
             rows += bench_outage(folder)
-        rows += bench_injection(sizes)
-        rows += bench_lifecycle(folder, sizes)
-        rows += bench_logging(folder, sizes)
-        rows += bench_alerts(folder)
-        rows += bench_cold_start(sizes)
+        if "team" in wanted:
+            rows += bench_team(folder / "team", sizes)
+        if "job" in wanted:
+            rows += bench_job(folder, sizes)
+        if "injection" in wanted:
+            rows += bench_injection(sizes)
+        if "lifecycle" in wanted:
+            rows += bench_lifecycle(folder, sizes)
+        if "logging" in wanted:
+            rows += bench_logging(folder, sizes)
+        if "alerts" in wanted:
+            rows += bench_alerts(folder)
+        if "cold" in wanted:
+            rows += bench_cold_start(sizes)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     note = "quick mode: sizes too small for the goals" if args.quick else "full sizes"
-    write_results(rows, args.output, note)
+    if partial:
+        note += f"; only {', '.join(args.only)}"
+    if output is not None:
+        write_results(rows, output, note)
     for row in rows:
         print(" | ".join(row))
     return 0
