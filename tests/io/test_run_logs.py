@@ -138,9 +138,7 @@ def test_capture_off_stores_no_log(tmp_path: Path, mlflow_store: str) -> None:
     assert list((tmp_path / "spool").iterdir()) == []
 
 
-def test_a_log_past_the_cap_keeps_its_head_and_tail(
-    tmp_path: Path, mlflow_store: str, services: tuple[LoggerService, MlflowService]
-) -> None:
+def test_a_log_past_the_cap_keeps_its_head_and_tail(tmp_path: Path, mlflow_store: str) -> None:
     service = MlflowService(
         tracking_uri=mlflow_store,
         autolog_disable=True,

@@ -275,7 +275,7 @@ class Router:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open: tuple[_Open, ...] = ()  # replaced whole: readers never lock
-        self._tees = 0  # plain-text LoggerService sinks feeding the router
+        self._tees: list[object] = []  # plain-text sinks feeding the router; the first is used
         self._handler_id: int | None = None
         self._patcher: T.Callable[[loguru.Record], None] | None = None
 
@@ -321,20 +321,20 @@ class Router:
         entry = self._entry(thread)
         return entry.run_id if entry is not None else None
 
-    def attach_tee(self) -> None:
-        """A plain-text sink now hands its lines over with :meth:`tee`."""
+    def attach_tee(self, sink: object) -> None:
+        """``sink`` (plain text) now hands its lines over with :meth:`tee`."""
         with self._lock:
-            self._tees += 1
+            self._tees.append(sink)
 
-    def detach_tee(self) -> None:
-        """The sink attached with :meth:`attach_tee` is gone."""
+    def detach_tee(self, sink: object) -> None:
+        """``sink`` is gone."""
         with self._lock:
-            self._tees = max(self._tees - 1, 0)
+            self._tees = [tee for tee in self._tees if tee is not sink]
 
-    def tee(self, message: loguru.Message, coloured: bool = False) -> None:
+    def tee(self, message: loguru.Message, sink: object, coloured: bool = False) -> None:
         """A LoggerService sink's formatted line: into the innermost run's log, if captured."""
-        if not self._open or self._handler_id is not None:
-            return  # no run, or the router's own handler writes the lines
+        if not self._open or self._handler_id is not None or self._tees[0] is not sink:
+            return  # no run; the router's own handler writes the lines; another sink does
         entry = self._entry(message.record["thread"].id)
         if entry is not None and entry.log is not None:
             entry.log.write(_ANSI.sub("", message) if coloured else message)
