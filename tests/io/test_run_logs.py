@@ -124,6 +124,27 @@ def test_json_records_carry_the_run_id_inside_a_run_only(tmp_path: Path, mlflow_
     assert text is not None and "| INFO     | " in text and "- inside\n" in text
 
 
+def test_a_patcher_of_the_application_keeps_working(tmp_path: Path, mlflow_store: str) -> None:
+    seen: dict[str, dict[str, T.Any]] = {}
+    logger.configure(patcher=lambda record: record["extra"].update(app="mine"))
+    handler_id = logger.add(
+        lambda message: seen.update({message.record["message"]: message.record["extra"]})
+    )
+    service = MlflowService(
+        tracking_uri=mlflow_store, autolog_disable=True, spool_dir=str(tmp_path / "spool")
+    )
+    try:
+        with service, service.run_context(_run_config("patched")) as run:
+            logger.info("inside")
+        logger.info("after")
+    finally:
+        logger.remove(handler_id)
+        logger.configure(patcher=lambda record: None)
+
+    assert seen["inside"] == {"app": "mine", "mlflow_run_id": run.info.run_id}
+    assert seen["after"] == {"app": "mine"}
+
+
 def test_capture_off_stores_no_log(tmp_path: Path, mlflow_store: str) -> None:
     service = MlflowService(
         tracking_uri=mlflow_store,

@@ -224,11 +224,11 @@ def upload(client: MlflowClient, run_id: str, folder: Path) -> int | None:
     size = path.stat().st_size
     if size:
         client.log_artifact(run_id, str(path))
-    discard(folder)
+    _discard(folder)
     return size or None
 
 
-def discard(folder: Path) -> None:
+def _discard(folder: Path) -> None:
     """Delete the capture's files from a run's spool folder."""
     for path in [folder / RUN_LOG, folder / _CUT, *folder.glob(f"{_TAIL}*")]:
         with contextlib.suppress(OSError):
@@ -333,7 +333,8 @@ class Router:
 
     def tee(self, message: loguru.Message, sink: object, coloured: bool = False) -> None:
         """A LoggerService sink's formatted line: into the innermost run's log, if captured."""
-        if not self._open or self._handler_id is not None or self._tees[0] is not sink:
+        tees = self._tees
+        if not self._open or self._handler_id is not None or not tees or tees[0] is not sink:
             return  # no run; the router's own handler writes the lines; another sink does
         entry = self._entry(message.record["thread"].id)
         if entry is not None and entry.log is not None:

@@ -325,13 +325,15 @@ class TrackingSession:
             self.writer.finish_run(run_id, discard=True)
             problem = refused
         else:
-            ended = False
-            uploaded = self._upload_log(run_id)  # before the end: a FINISHED run has its log
-            try:
-                self._end(run_id, status)
-                ended = True
-            finally:  # a status or a log that did not reach the store stays in the spool
-                self.writer.finish_run(run_id, keep=not (ended and uploaded))
+            ended = uploaded = False
+            try:  # the log before the end: a FINISHED run has its log
+                uploaded = self._upload_log(run_id)
+            finally:  # even when Ctrl-C stops the upload, the run is ended
+                try:
+                    self._end(run_id, status)
+                    ended = True
+                finally:  # a status or a log that did not reach the store stays in the spool
+                    self.writer.finish_run(run_id, keep=not (ended and uploaded))
         if problem is not None:
             if error is None:
                 raise problem
