@@ -315,6 +315,83 @@ def bench_logging(folder: Path, sizes: Sizes) -> list[Row]:
     ]  # fmt: skip
 
 
+# %% 5b. the run's own log
+
+
+def bench_run_log(folder: Path, sizes: Sizes) -> list[Row]:
+    """Logging inside a run with the run's log captured vs not; the upload of a 1 MB log."""
+    from loguru import logger
+    from mlflow.tracking import MlflowClient
+
+    from regression_model_template.io import run_logs
+    from regression_model_template.io.services import LoggerService, MlflowService
+
+    uri = f"sqlite:///{folder}/run-log.db"
+    run_config = MlflowService.RunConfig(name="run-log", log_system_metrics=False)
+
+    def inside_a_run(capture: bool, path: Path) -> float:
+        logger_service = LoggerService(sink=str(path), intercept_stdlib=False)
+        service = MlflowService(
+            tracking_uri=uri,
+            experiment_name="bench-run-log",
+            autolog_disable=True,
+            capture_log=capture,
+            capture_log_max_bytes=100_000_000,  # every line kept: the cost of the whole log
+            spool_dir=str(folder / "run-log-spool"),
+        )
+        with logger_service, service, service.run_context(run_config) as run:
+            start = time.perf_counter()
+            for i in range(sizes.log_calls):
+                logger.info("step {}", i)
+            logger.complete()
+            elapsed = time.perf_counter() - start
+        text = _run_log_text(service.client(), run.info.run_id, folder)
+        expected = sizes.log_calls if capture else 0
+        if len(text.splitlines()) != expected:
+            raise AssertionError(f"run log: {len(text.splitlines())} of {expected} lines")
+        return elapsed
+
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for repeat in range(max(sizes.repeats, 3)):  # alternate which side goes first
+        for capture in (True, False) if repeat % 2 == 0 else (False, True):
+            times[capture].append(inside_a_run(capture, folder / f"run-log-{repeat}-{capture}.log"))
+
+    # the upload of a 1 MB log, as the end of a run does it
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("bench-run-log")
+    assert experiment is not None
+    uploads = []
+    line = "2025-01-01 12:00:00.000 | INFO     | train:fit:42 - step 123456, loss 0.1234\n"
+    for _ in range(max(sizes.repeats, 3)):
+        run_id = client.create_run(experiment.experiment_id).info.run_id
+        spool = folder / "upload-spool" / run_id
+        spool.mkdir(parents=True)
+        log = run_logs.RunLog(spool, max_bytes=10_000_000)
+        for _ in range(1_000_000 // len(line)):
+            log.write(line)
+        log.close()
+        start = time.perf_counter()
+        run_logs.upload(client, run_id, spool)
+        uploads.append(time.perf_counter() - start)
+        client.set_terminated(run_id)
+    return [
+        _row(
+            f"run log: {sizes.log_calls:,} log calls in a run, captured vs not",
+            _median(times[True]), "s", _median(times[False]), 1.3, "<= 1.3x",
+        ),
+        _row("run log: upload of a 1 MB run.log (SQLite)", _median(uploads) * 1000, "ms",
+             None, 100, "<= 100 ms"),
+    ]  # fmt: skip
+
+
+def _run_log_text(client: T.Any, run_id: str, folder: Path) -> str:
+    if "run.log" not in {artifact.path for artifact in client.list_artifacts(run_id)}:
+        return ""
+    target = folder / f"download-{run_id}"
+    target.mkdir()
+    return Path(client.download_artifacts(run_id, "run.log", str(target))).read_text()
+
+
 # %% 6. alerts
 
 
@@ -838,8 +915,8 @@ def write_results(rows: list[Row], path: Path, note: str) -> None:
     path.write_text("\n".join(lines))
 
 
-GROUPS = ("metrics", "outage", "team", "job", "injection", "lifecycle", "logging", "alerts",
-          "cold")  # fmt: skip
+GROUPS = ("metrics", "outage", "team", "job", "injection", "lifecycle", "logging", "run_log",
+          "alerts", "cold")  # fmt: skip
 SERVER_GROUPS = ("outage", "team")  # need a server: skipped by --quick
 
 
@@ -883,6 +960,8 @@ def main(argv: T.Sequence[str] | None = None) -> int:
             rows += bench_lifecycle(folder, sizes)
         if "logging" in wanted:
             rows += bench_logging(folder, sizes)
+        if "run_log" in wanted:
+            rows += bench_run_log(folder, sizes)
         if "alerts" in wanted:
             rows += bench_alerts(folder)
         if "cold" in wanted:

@@ -90,6 +90,20 @@ def _section(model: type[S], name: str, tree: T.Mapping[str, T.Any] | None) -> S
     return section
 
 
+def _mlflow_service(
+    tree: T.Mapping[str, T.Any] | None, logger_service: LoggerService, alerts_service: AlertsService
+) -> MlflowService:
+    """The mlflow section's service, its runs' logs written like the logger's lines.
+
+    The run's ``run.log`` uses the LoggerService's format and level, and masks the alert URLs'
+    secrets as well as the MlflowService's own: the services never see each other, the
+    container hands the values over.
+    """
+    service = _section(MlflowService, "mlflow", tree)
+    service.log_runs_like(logger_service.format, logger_service.level, alerts_service.secrets())
+    return service
+
+
 def _services(
     config: T.Mapping[str, T.Any] | None, *services: providers.Provider[Service]
 ) -> T.Iterator[list[Service]]:
@@ -144,7 +158,9 @@ class Container(containers.DeclarativeContainer):
     # -- services: one instance each, validated by their pydantic models
     logger_service = providers.ThreadSafeSingleton(_section, LoggerService, "logger", config)
     alerts_service = providers.ThreadSafeSingleton(_section, AlertsService, "alerts", config)
-    mlflow_service = providers.ThreadSafeSingleton(_section, MlflowService, "mlflow", config)
+    mlflow_service = providers.ThreadSafeSingleton(
+        _mlflow_service, config, logger_service, alerts_service
+    )
 
     # -- settings of the bundled jobs
     jobs_config = providers.ThreadSafeSingleton(_section, JobsConfig, "jobs", config)

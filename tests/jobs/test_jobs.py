@@ -60,6 +60,7 @@ def test_training_logs_registers_the_champion_and_alerts(
     assert result.metrics["rmse"] > result.metrics["mae"] > 0
     # The plot is an artifact of the run; the model (MLflow 3: a logged model) is its output.
     assert "predicted_vs_actual.png" in {a.path for a in client.list_artifacts(result.run_id)}
+    assert run.outputs is not None
     [output] = run.outputs.model_outputs
     model = client.get_logged_model(output.model_id)
     assert (model.name, model.source_run_id) == ("model", result.run_id)

@@ -21,7 +21,11 @@ from pathlib import Path
 
 from loguru import logger
 
+from regression_model_template.io import run_logs
 from regression_model_template.io.errors import translated_errors
+
+if T.TYPE_CHECKING:
+    import loguru
 
 __all__ = [
     "DEFAULT_LOG_FORMAT",
@@ -81,8 +85,9 @@ def add_sink(sink: str, *, colorize: bool | None, **options: T.Any) -> int:
 
     ``stderr``/``stdout`` are the streams as they are now (pytest's capsys swaps them per
     test); any other value is a file path whose folder is created. ``colorize=None`` colours a
-    stream only when it is a terminal (loguru's own detection); a file is never coloured.
-    ``options`` are ``logger.add``'s.
+    stream only when it is a terminal; a file is never coloured. ``options`` are
+    ``logger.add``'s. A plain-text sink also hands each line to the open run's log
+    (:mod:`.run_logs`): formatted once, a record costs the run's log one write.
 
     Raises:
         ServiceError: the file or its folder cannot be created or opened (setting ``sink``).
@@ -98,12 +103,58 @@ def add_sink(sink: str, *, colorize: bool | None, **options: T.Any) -> int:
         with translated_errors("LoggerService", "sink", f"cannot create {sink!r}"):
             Path(sink).parent.mkdir(parents=True, exist_ok=True)
     with translated_errors("LoggerService", "sink", f"cannot open {sink!r}"):
-        handler_id = logger.add(
-            stream or sink, colorize=colorize if stream is not None else False, **options
-        )
+        if options.get("serialize"):  # JSON lines: the run's log formats its own text
+            destination: T.Any = stream or sink
+            colorize = colorize if stream is not None else False
+        elif stream is not None:
+            colorize = _is_terminal(stream) if colorize is None else colorize
+            destination = _TeeSink(stream, colorize)
+        else:
+            colorize = False
+            # Line-buffered like loguru's own file sink; closed by the sink's stop().
+            file = Path(sink).open("a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            destination = _TeeSink(file, False)
+        try:
+            handler_id = logger.add(destination, colorize=colorize, **options)
+        except BaseException:
+            if isinstance(destination, _TeeSink):
+                destination.stop()
+            raise
     with contextlib.suppress(ValueError):  # already removed by someone else
         logger.remove(DEFAULT_HANDLER_ID)
     return handler_id
+
+
+def _is_terminal(stream: T.TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except Exception:  # a closed or unusual stream
+        return False
+
+
+class _TeeSink:
+    """A text stream (the LoggerService's) whose lines also go to the open run's log.
+
+    loguru writes each formatted line, flushes, and calls ``stop`` when the handler is removed.
+    """
+
+    def __init__(self, stream: T.TextIO, coloured: bool) -> None:
+        self._stream = stream
+        self._coloured = coloured  # ANSI colours are stripped from the run's copy
+        self._owned = stream not in (sys.stdout, sys.stderr)  # a file opened for the sink
+        run_logs.router.attach_tee(self)
+
+    def write(self, message: loguru.Message) -> None:
+        self._stream.write(message)
+        run_logs.router.tee(message, self, self._coloured)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def stop(self) -> None:
+        run_logs.router.detach_tee(self)
+        if self._owned:
+            self._stream.close()
 
 
 def remove_sink(handler_id: int) -> None:

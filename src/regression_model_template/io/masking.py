@@ -27,6 +27,7 @@ __all__ = [
     "mask_setting",
     "mask_uri",
     "redact",
+    "secret_forms",
     "uri_secrets",
 ]
 
@@ -78,13 +79,26 @@ def redact(text: str, secrets: T.Iterable[str]) -> str:
         >>> redact("user p@ss, url p%40ss", ["p%40ss"])
         'user ***, url ***'
     """
+    for form in secret_forms(secrets):
+        text = text.replace(form, "***")
+    return text
+
+
+def secret_forms(secrets: T.Iterable[str]) -> list[str]:
+    """The texts :func:`redact` replaces: each secret as written, percent-encoded and decoded.
+
+    Longest first, so that a secret inside another is not replaced first. Computed once, they
+    mask many lines fast (a run's log).
+
+    Example:
+        >>> secret_forms(["p%40ss"])
+        ['p%2540ss', 'p%40ss', 'p@ss']
+    """
     forms: set[str] = set()
     for secret in secrets:
         if secret:
             forms |= {secret, urllib.parse.quote(secret, safe=""), urllib.parse.unquote(secret)}
-    for form in sorted(forms - {""}, key=len, reverse=True):
-        text = text.replace(form, "***")
-    return text
+    return sorted(forms - {""}, key=lambda form: (-len(form), form))
 
 
 def mask_uri(uri: str) -> str:

@@ -3,7 +3,8 @@
 A run folder whose lock can be taken belongs to no live process (the kernel dropped the lock
 when its owner died). :func:`recover` sends the values the store has not acknowledged (a value
 sent twice is harmless: MLflow's SQL stores ignore an exact duplicate), ends the run with the
-status it recorded, or KILLED when the process died mid-run, and deletes the folder. A folder
+status it recorded, or KILLED when the process died mid-run, and deletes the folder. The run's
+log captured up to the crash (:mod:`.run_logs`) is uploaded as its ``run.log`` artifact. A folder
 of another store is left alone: the credentials come from the current configuration, and
 values never go to a store they were not logged for.
 
@@ -31,6 +32,7 @@ import shutil
 import typing as T
 from pathlib import Path
 
+from regression_model_template.io import run_logs
 from regression_model_template.io import spool as _spool
 from regression_model_template.io.uploads import write_batch
 
@@ -50,6 +52,7 @@ class Recovered(T.NamedTuple):
         waiting: why values or the status are still in the spool (None: nothing is).
         damage: what could not be read (a line cut by the kill), if anything.
         folder: the run's spool folder.
+        log_bytes: the size of the run's log uploaded as ``run.log`` (None: none uploaded).
     """
 
     run_id: str
@@ -58,10 +61,12 @@ class Recovered(T.NamedTuple):
     waiting: str | None
     damage: tuple[str, ...]
     folder: Path
+    log_bytes: int | None = None
 
     def summary(self) -> str:
         """One line for a person."""
         text = f"run {self.run_id}: {self.sent} value(s) sent"
+        text += f", its log uploaded ({self.log_bytes:,} bytes)" if self.log_bytes else ""
         text += f", ended {self.status}" if self.status else ""
         text += f"; still waiting in {self.folder}: {self.waiting}" if self.waiting else ""
         text += "".join(f"; damaged spool, {item}" for item in self.damage)
@@ -95,11 +100,13 @@ def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], s
     run_id, status, sent = folder.name, "KILLED", 0
     damage: list[str] = []
     offset = _spool.read_sent(folder)
+    log_bytes = None
     try:
         while (batch := _spool.read_batch(folder, offset, damage=damage)).end > offset:
             write_batch(client, run_id, batch)
             _spool.write_sent(folder, batch.end)
             offset, sent, status = batch.end, sent + batch.values, batch.status or status
+        log_bytes = run_logs.upload(client, run_id, folder)
         run = client.get_run(run_id)
         if run.info.status in ("RUNNING", "SCHEDULED"):
             client.set_terminated(run_id, status)
@@ -107,7 +114,7 @@ def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], s
             status = run.info.status  # it had ended already: keep what the store says
     except Exception as exc:
         cause = redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
-        return Recovered(run_id, sent, None, cause, tuple(dict.fromkeys(damage)), folder)
+        return Recovered(run_id, sent, None, cause, tuple(dict.fromkeys(damage)), folder, log_bytes)
     shutil.rmtree(folder, ignore_errors=True)
     # the damage is met again by the read that finds nothing more: report it once
-    return Recovered(run_id, sent, status, None, tuple(dict.fromkeys(damage)), folder)
+    return Recovered(run_id, sent, status, None, tuple(dict.fromkeys(damage)), folder, log_bytes)

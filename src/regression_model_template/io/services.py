@@ -5,7 +5,8 @@ Each service is a frozen, strict pydantic model (its settings) with ``start()`` 
 configuration or the container themselves: ``regression_model_template.containers`` builds
 them from the merged configuration and starts them in order. The machinery they use lives
 beside this module, one idea each: ``logs``, ``alert_channels`` and ``desktop``, ``stores``,
-``tracking`` and ``batching``, ``masking`` and ``errors``.
+``tracking`` and ``batching``, ``spool`` and ``recovery``, ``run_logs``, ``masking`` and
+``errors``.
 
 Heavy dependencies (mlflow, plyer, apprise, requests) are imported when a service starts, not
 when this module is imported.
@@ -30,9 +31,23 @@ import loguru
 import pydantic
 from loguru import logger as _logger
 
-from regression_model_template.io import alert_channels, logs, recovery, spool, stores, tracking
+from regression_model_template.io import (
+    alert_channels,
+    logs,
+    recovery,
+    run_logs,
+    spool,
+    stores,
+    tracking,
+)
 from regression_model_template.io.errors import ServiceError, translated_errors
-from regression_model_template.io.masking import RedactedError, mask_uri, redact, uri_secrets
+from regression_model_template.io.masking import (
+    RedactedError,
+    channel_secrets,
+    mask_uri,
+    redact,
+    uri_secrets,
+)
 
 if T.TYPE_CHECKING:
     from mlflow import ActiveRun
@@ -268,6 +283,15 @@ class AlertsService(Service):
         found = self._dispatcher.refused if self._dispatcher else []
         return [f"{delivery.channel}: {delivery.failure}" for delivery in found]
 
+    def secrets(self) -> list[str]:
+        """The parts of the alert URLs that may be secrets, to mask wherever logs are kept.
+
+        Example:
+            >>> AlertsService(urls=["json://127.0.0.1:8080/hook/t0ken"]).secrets()[-1]
+            't0ken'
+        """
+        return [piece for url in self.urls for piece in channel_secrets(url.get_secret_value())]
+
     def start(self) -> None:
         """Choose the channels: the desktop when it can show alerts, and every URL.
 
@@ -369,6 +393,13 @@ class MlflowService(Service):
             server (``http(s)://``): a server with several workers takes a backlog faster
             (20,000 values: 4.1 s with 1, 2.3 s with 2, 1.9 s with 4 against 4 workers).
             1 sends one at a time. A database store is always written by one call at a time.
+        capture_log: keep each run's own log: every line logged while it is the innermost open
+            run (the job's, its threads', MLflow's) is written, secrets masked, to its spool
+            folder as it goes and stored as the artifact ``run.log`` when the run ends (or by
+            ``recover`` after a crash). Records inside a run carry its id (``extra``
+            ``mlflow_run_id``) either way.
+        capture_log_max_bytes: the size cap of a run's log: past it the first and the last
+            part are kept, with a line saying how much was cut between them.
         autolog_disable: turn MLflow's autologging off.
         autolog_disable_for_unsupported_versions: skip autolog for untested library versions.
         autolog_exclusive: autolog only into runs that autolog creates itself.
@@ -422,6 +453,8 @@ class MlflowService(Service):
     end_timeout: float = pydantic.Field(default=60.0, gt=0)
     write_retries: int = pydantic.Field(default=3, ge=0)
     parallel_uploads: int = pydantic.Field(default=2, ge=1, le=16)
+    capture_log: bool = True
+    capture_log_max_bytes: int = pydantic.Field(default=5_000_000, ge=10_000)
     autolog_disable: bool = False
     autolog_disable_for_unsupported_versions: bool = False
     autolog_exclusive: bool = False
@@ -432,6 +465,9 @@ class MlflowService(Service):
     autolog_silent: bool = False
 
     _session: tracking.TrackingSession | None = pydantic.PrivateAttr(default=None)
+    _log_style: run_logs.LogStyle = pydantic.PrivateAttr(
+        default=run_logs.LogStyle(logs.DEFAULT_LOG_FORMAT)
+    )
 
     def __repr_args__(self) -> T.Iterable[tuple[str | None, T.Any]]:
         for name, value in super().__repr_args__():
@@ -493,7 +529,20 @@ class MlflowService(Service):
             errors=self._errors,
             store=self._masked(),
             end_timeout=self.end_timeout,
+            run_log=self._run_log_options(),
         )
+
+    def log_runs_like(self, format: str, level: str, secrets: T.Sequence[str] = ()) -> None:
+        """Write each run's log in ``format`` from ``level`` on, also masking ``secrets``.
+
+        The container passes the LoggerService's format and level and the alert URLs'
+        secrets, so that ``run.log`` reads like the job's log. Takes effect at ``start()``.
+
+        Example:
+            >>> service = MlflowService()
+            >>> service.log_runs_like("{level} {message}", "INFO", ["t0ken"])
+        """
+        self._log_style = run_logs.LogStyle(format, level, tuple(secrets))
 
     def stop(self) -> None:
         """Write buffered values, end the runs left open (KILLED), restore MLflow's globals.
@@ -514,7 +563,8 @@ class MlflowService(Service):
 
         A run started while another is active becomes its nested child. Values buffered by
         ``log_metrics``/``log_params`` are written before the run ends; if they cannot be,
-        the run ends FAILED and ``ServiceError`` is raised.
+        the run ends FAILED and ``ServiceError`` is raised. What is logged while the run is
+        the innermost one is its artifact ``run.log`` (see ``capture_log``).
 
         Example:
             >>> import tempfile
@@ -680,6 +730,12 @@ class MlflowService(Service):
                 "MlflowService", "spool_dir", f"cannot write the spool folder {folder}: {exc}"
             ) from exc
         return folder
+
+    def _run_log_options(self) -> tracking.RunLogOptions:
+        secrets = uri_secrets(self.tracking_uri) + uri_secrets(self.registry_uri)
+        style = self._log_style._replace(secrets=(*secrets, *self._log_style.secrets))
+        size = self.capture_log_max_bytes if self.capture_log else None
+        return tracking.RunLogOptions(style, size)
 
     def _started(self) -> tracking.TrackingSession:
         if self._session is None:

@@ -26,12 +26,15 @@ import typing as T
 
 from loguru import logger
 
-from regression_model_template.io import stores
+from regression_model_template.io import run_logs, stores
 from regression_model_template.io.batching import StoreUnreachable
 from regression_model_template.io.errors import ServiceError
 
 if T.TYPE_CHECKING:
+    from pathlib import Path
+
     from mlflow import ActiveRun
+    from mlflow.tracking import MlflowClient
 
     from regression_model_template.io.batching import BatchWriter
 
@@ -93,6 +96,7 @@ class TrackingSession:
     Opened by ``MlflowService.start()`` (:meth:`open`) and closed by ``stop()``. Closing writes
     what is still buffered, ends the runs left open KILLED, and gives back what the session
     changed in the process: the SIGTERM handler and the environment variables MLflow writes.
+    Each run's log (:mod:`.run_logs`) is captured while it is open and uploaded at its end.
     """
 
     def __init__(
@@ -102,12 +106,18 @@ class TrackingSession:
         restore: contextlib.ExitStack,
         store: str,
         end_timeout: float = 60.0,
+        client: MlflowClient | None = None,
+        run_log: RunLogOptions | None = None,
+        redact: T.Callable[[str], str] = str,
     ) -> None:
         self.writer = writer
         self._errors = errors
         self._restore = restore
         self._store = store
         self._end_timeout = end_timeout
+        self._client = client
+        self._run_log = run_log
+        self._redact = redact
         self._open: list[str] = []
         self.experiment_id = ""  # the experiment runs are started in
         self.last_run_id: str | None = None  # the run started most recently
@@ -125,6 +135,7 @@ class TrackingSession:
         errors: Errors,
         store: str,
         end_timeout: float = 60.0,
+        run_log: RunLogOptions | None = None,
     ) -> TrackingSession:
         """Point MLflow's globals at the stores, select the experiment, set autolog.
 
@@ -138,6 +149,7 @@ class TrackingSession:
             errors: turns a dependency's exception into a ServiceError (setting, what).
             store: the tracking store, credentials masked, for messages.
             end_timeout: seconds the end of a run waits for the store to take its values.
+            run_log: how each run's log is captured (its ``max_bytes`` None: not captured).
 
         Raises:
             ServiceError: MLflow refused a store or the autolog settings; nothing is left
@@ -164,7 +176,16 @@ class TrackingSession:
             batch_writer = BatchWriter(
                 client, store=store, redact=redact, exit_timeout=end_timeout, **writer
             )
-            session = cls(batch_writer, errors, restore.pop_all(), store, end_timeout)
+            session = cls(
+                batch_writer,
+                errors,
+                restore.pop_all(),
+                store,
+                end_timeout,
+                client=client,
+                run_log=run_log,
+                redact=redact,
+            )
             session.experiment_id = experiment.experiment_id
             return session
 
@@ -178,10 +199,12 @@ class TrackingSession:
         self._open.append(run.info.run_id)
         self.last_run_id = run.info.run_id
         try:
-            self.writer.open_run(run.info.run_id)
+            folder = self.writer.open_run(run.info.run_id).folder
+            self._capture(run.info.run_id, folder)
         except ServiceError:
             mlflow.end_run("FAILED")
             self._open.remove(run.info.run_id)
+            self.writer.finish_run(run.info.run_id, discard=True)
             raise
         try:
             yield run
@@ -189,6 +212,38 @@ class TrackingSession:
             self._finish(run.info.run_id, end_status(error), error)
             raise
         self._finish(run.info.run_id, "FINISHED", None)
+
+    def _capture(self, run_id: str, folder: Path) -> None:
+        """Tag the process's records with ``run_id``; capture them into its spool folder."""
+        options = self._run_log or RunLogOptions()
+        log = None
+        if options.max_bytes is not None:
+            try:
+                log = run_logs.RunLog(folder, options.max_bytes, options.style.secrets)
+            except OSError as exc:
+                raise ServiceError(
+                    "MlflowService", "spool_dir", f"cannot write the log of run {run_id}: {exc}"
+                ) from exc
+        run_logs.router.open(run_id, log, options.style)
+
+    def _upload_log(self, run_id: str) -> bool:
+        """Upload the run's log from its spool folder; False: it stays there, for ``recover``."""
+        if self._client is None:
+            return True
+        folder = self.writer.spool_dir / run_id
+        try:
+            run_logs.upload(self._client, run_id, folder)
+        except Exception as exc:
+            cause = self._redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
+            logger.warning(
+                "The log of run {} was not uploaded ({}): it waits in {}; "
+                "`regression-model-template recover` uploads it",
+                run_id,
+                cause,
+                folder,
+            )
+            return False
+        return True
 
     def active_run_id(self) -> str:
         """The run values go to: the calling thread's active run, else the newest open one."""
@@ -208,6 +263,7 @@ class TrackingSession:
             ServiceError: values could not be written (they are kept in the spool).
         """
         for run_id in self._open:
+            run_logs.router.close(run_id, "The run ended KILLED (left open at stop)")
             self.writer.end_run(run_id, "KILLED")
         reached = False
         try:
@@ -217,10 +273,11 @@ class TrackingSession:
             try:
                 while self._open:
                     run_id = self._open.pop()
+                    uploaded = reached and self._upload_log(run_id)
                     ended = self._end(run_id, "KILLED", quick=not reached)
                     if ended:
                         logger.warning("Ended run {} left open at stop: KILLED", run_id)
-                    self.writer.finish_run(run_id, keep=not ended)
+                    self.writer.finish_run(run_id, keep=not (ended and uploaded))
                 self._end_other_runs(quick=not reached)
             finally:
                 self._restore.close()
@@ -246,6 +303,7 @@ class TrackingSession:
         if run_id not in self._open:
             return  # close() inside the block already ended it
         self._open.remove(run_id)
+        run_logs.router.close(run_id, run_logs.ending(status, error))
         problem: ServiceError | None = None
         try:
             self.writer.end_run(run_id, status)
@@ -257,20 +315,25 @@ class TrackingSession:
                 "MlflowService",
                 "end_timeout",
                 f"run {run_id} ended {status}, but the tracking store did not take its last "
-                f"values within {self._end_timeout:g} s ({unreachable.cause}). They and the "
-                f"status wait in {folder}: send them with `regression-model-template recover`",
+                f"values within {self._end_timeout:g} s ({unreachable.cause}). They, its log "
+                f"and the status wait in {folder}: send them with "
+                "`regression-model-template recover`",
             )
         except ServiceError as refused:  # the store refused values: the caller is told here
+            self._upload_log(run_id)  # the store answers: the log still helps
             self._end(run_id, "FAILED" if status == "FINISHED" else status)
             self.writer.finish_run(run_id, discard=True)
             problem = refused
         else:
-            ended = False
-            try:
-                self._end(run_id, status)
-                ended = True
-            finally:  # a status that did not reach the store stays in the spool
-                self.writer.finish_run(run_id, keep=not ended)
+            ended = uploaded = False
+            try:  # the log before the end: a FINISHED run has its log
+                uploaded = self._upload_log(run_id)
+            finally:  # even when Ctrl-C stops the upload, the run is ended
+                try:
+                    self._end(run_id, status)
+                    ended = True
+                finally:  # a status or a log that did not reach the store stays in the spool
+                    self.writer.finish_run(run_id, keep=not (ended and uploaded))
         if problem is not None:
             if error is None:
                 raise problem
@@ -298,6 +361,13 @@ class TrackingSession:
             except Exception:
                 return False
         return True
+
+
+class RunLogOptions(T.NamedTuple):
+    """How a session captures each run's log (``max_bytes`` None: only tags the records)."""
+
+    style: run_logs.LogStyle = run_logs.LogStyle("{message}")
+    max_bytes: int | None = None
 
 
 # MLflow's own HTTP retries would take minutes against a server that is down.
