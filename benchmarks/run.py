@@ -34,6 +34,7 @@ from regression_model_template.testing import local_mlflow_server
 
 HERE = Path(__file__).resolve().parent
 Row = tuple[str, str, str, str, str]  # benchmark, measured, baseline, ratio, goal + verdict
+NOTES: list[str] = []  # findings of this run, listed under the table
 
 
 class Sizes(T.NamedTuple):
@@ -657,17 +658,39 @@ def _stored_values(database: str, run_ids: list[str]) -> list[int]:
         ]
 
 
+def _check_stored(database: str, run_ids: list[str], expected: int, what: str) -> None:
+    """Every run holds ``expected`` values once its job has ended; else wait, note, or raise.
+
+    Values that land only after the run has ended are noted in RESULTS.md (a reader who
+    trusts the run's end would miss them); values still missing 30 s later fail the benchmark.
+    """
+    stored = _stored_values(database, run_ids)
+    if stored == [expected] * len(run_ids):
+        return
+    short = sum(expected - n for n in stored)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and stored != [expected] * len(run_ids):
+        time.sleep(0.5)
+        stored = _stored_values(database, run_ids)
+    if stored != [expected] * len(run_ids):
+        raise AssertionError(f"{what}: {stored} values stored of {expected} per run (30 s later)")
+    note = (
+        f"{what}: {short:,} values were not in the store when the run had ended; they landed "
+        f"within 30 s (checked with a PostgreSQL query on the run's `metrics`)."
+    )
+    print(note, file=sys.stderr)
+    NOTES.append(note)
+
+
 def bench_team_load(url: str, database: str, folder: Path, sizes: Sizes) -> list[Row]:
     """8 job processes at once: aggregate values/s, the service vs per-call ``log_metric``."""
     jobs = sizes.team_jobs
     ours_span, ours_runs = _team_jobs(url, folder, "bench-team-service", jobs,
                                       sizes.team_values, "service")  # fmt: skip
+    _check_stored(database, ours_runs, sizes.team_values, f"team load, {jobs} service jobs")
     base_span, base_runs = _team_jobs(url, folder, "bench-team-per-call", jobs,
                                       sizes.team_sample, "per-call")  # fmt: skip
-    if _stored_values(database, ours_runs) != [sizes.team_values] * jobs:
-        raise AssertionError(f"team load: {_stored_values(database, ours_runs)} values stored")
-    if _stored_values(database, base_runs) != [sizes.team_sample] * jobs:
-        raise AssertionError("team load: the per-call baseline lost values")
+    _check_stored(database, base_runs, sizes.team_sample, "team load, per-call baseline")
     ours = jobs * sizes.team_values / ours_span
     base = jobs * sizes.team_sample / base_span
     return [
@@ -696,7 +719,6 @@ def bench_team_one_job(url: str, database: str, folder: Path, sizes: Sizes) -> l
     uploads = (2, 1, 4)
     times: dict[int | str, list[float]] = {n: [] for n in uploads}
     times["bulk"] = []
-    runs: dict[int | str, list[str]] = {key: [] for key in times}
 
     def ours(parallel: int) -> None:
         service = MlflowService(
@@ -713,7 +735,7 @@ def bench_team_one_job(url: str, database: str, folder: Path, sizes: Sizes) -> l
                 for step in range(count):
                     service.log_metrics({"loss": step * 0.5}, step=step)
             times[parallel].append(time.perf_counter() - start)  # + the flush at the run's end
-        runs[parallel].append(run.info.run_id)
+        _check_stored(database, [run.info.run_id], count, f"team one job, {parallel} uploads")
 
     def bulk() -> None:
         run_id = client.create_run(experiment_id, run_name="bulk").info.run_id
@@ -724,15 +746,12 @@ def bench_team_one_job(url: str, database: str, folder: Path, sizes: Sizes) -> l
             client.log_batch(run_id, metrics=values[i : i + 1000])
         times["bulk"].append(time.perf_counter() - start)
         client.set_terminated(run_id)
-        runs["bulk"].append(run_id)
+        _check_stored(database, [run_id], count, "team one job, serial log_batch")
 
     sides: list[T.Callable[[], None]] = [bulk, *(lambda n=n: ours(n) for n in uploads)]
     for repeat in range(max(sizes.repeats - 2, 1)):  # interleaved, rotating who goes first
         for side in sides[repeat % len(sides) :] + sides[: repeat % len(sides)]:
             side()
-    for key, run_ids in runs.items():
-        if _stored_values(database, run_ids) != [count] * len(run_ids):
-            raise AssertionError(f"team one job ({key}): values lost")
     base = _median(times["bulk"])
     name = f"team server, one job: {count:,} values incl. flush"
     return [
@@ -906,11 +925,16 @@ def write_results(rows: list[Row], path: Path, note: str) -> None:
         f"Written by `make bench` ({note}). Medians of repeats; each ratio is against a",
         "baseline measured in the same run. Per-call `log_metric` baselines are timed on a",
         "sample of values and scaled to the full count (the full count takes minutes over HTTP).",
+        "The team server rows run on `team_server(workers=4)`: PostgreSQL + `mlflow server` under",
+        "gunicorn, the stack of `make server` (which defaults to 2 workers) with 4 workers, on",
+        "this 2-core machine. The 8-job row is one run of each side (8 processes started",
+        "together; from the first value to the last job's end, its final flush included).",
         "",
         "| benchmark | measured | baseline | ratio | goal |",
         "|---|---|---|---|---|",
         *[f"| {' | '.join(row)} |" for row in rows],
         "",
+        *([f"- {note}" for note in NOTES] + [""] if NOTES else []),
     ]
     path.write_text("\n".join(lines))
 
