@@ -118,7 +118,7 @@ class Uploaders:
             self._jobs.put(functools.partial(job, call))
         for call in calls[: len(calls) - len(helped)]:
             job(call)
-        for _ in helped:
+        for _ in calls:  # every call releases once, the caller's own included
             done.acquire()
         if errors:
             raise errors[0]
