@@ -698,12 +698,15 @@ class MlflowService(Service):
         """Open each database store once, one process at a time (``stores.schema_lock``).
 
         MLflow creates its tables on first use: jobs starting together on an empty database
-        would race.
+        would race. The tracking store creates the registry's tables too: a registry in the
+        same database needs no second look.
         """
         for setting, uri, open_store in (
             ("tracking_uri", self.tracking_uri, self.client),  # a client opens its store
             ("registry_uri", self.registry, lambda: self.client().search_registered_models()),
         ):
+            if setting == "registry_uri" and uri == self.tracking_uri:
+                continue
             if stores.is_postgresql(uri) or stores.sqlite_path(uri) is not None:
                 with (
                     stores.schema_lock(setting, uri, self.connect_timeout),
