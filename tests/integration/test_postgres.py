@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from regression_model_template.io.services import MlflowService, ServiceError
-from regression_model_template.io.team_server import TeamServer, create_database
+from regression_model_template.io.team_server import TeamServer, create_database, postgres_cluster
 from regression_model_template.testing import clean_environ, free_port
 from tests.integration.conftest import postgres_folder, require_postgres
 from tests.integration.test_server import (
@@ -299,4 +299,57 @@ def test_make_server_runs_a_job_and_ctrl_c_leaves_no_process(tmp_path: Path) -> 
     left = subprocess.run(["pgrep", "-f", str(folder)], capture_output=True, text=True)
     assert left.stdout == "", subprocess.run(["ps", "aux"], capture_output=True, text=True).stdout
     assert (folder / "postgres" / "data" / "PG_VERSION").exists()  # kept for the next run
+    shutil.rmtree(folder)
+
+
+def test_a_second_server_on_the_same_folder_leaves_the_running_one_alone(tmp_path: Path) -> None:
+    require_postgres()
+    folder = postgres_folder("rmt-second-server-")
+    try:
+        with postgres_cluster(folder / "postgres") as database:
+            second = subprocess.run(
+                [sys.executable, "-m", "regression_model_template", "server",
+                 "--folder", str(folder), "--port", str(free_port())],
+                env=clean_environ(), capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+
+            assert second.returncode == 1, explain(second)
+            assert f"process {os.getpid()} runs the PostgreSQL cluster" in second.stderr
+            with psycopg.connect(database, connect_timeout=5) as still_running:
+                assert still_running.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_the_server_command_stops_when_its_server_dies(tmp_path: Path) -> None:
+    require_postgres()
+    folder = postgres_folder("rmt-dying-server-")
+    command = subprocess.Popen(
+        [sys.executable, "-m", "regression_model_template", "server",
+         "--folder", str(folder), "--port", str(free_port()), "--workers", "1"],
+        env=clean_environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert command.stdout is not None
+        ready = command.stdout.readline() + command.stdout.readline()
+        assert "tracking server ready" in ready, ready
+
+        # when the mlflow server dies (OOM killer, say)
+        server = subprocess.run(
+            ["pgrep", "-f", "--", f"--artifacts-destination {folder}"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        assert server, "no mlflow server process found"
+        os.killpg(int(server[0]), signal.SIGKILL)
+
+        # then the command says so and exits 1, stopping PostgreSQL too
+        _, stderr = command.communicate(timeout=60)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert command.returncode == 1
+    assert "the tracking server stopped answering" in stderr
+    left = subprocess.run(["pgrep", "-f", str(folder)], capture_output=True, text=True)
+    assert left.stdout == ""
     shutil.rmtree(folder)

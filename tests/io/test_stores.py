@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import urllib.parse
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from regression_model_template.io import stores
 from regression_model_template.io.masking import mask_uri, uri_secrets
 from regression_model_template.io.services import MlflowService, ServiceError
 from regression_model_template.io.stores import check_uri
+from tests.conftest import LogCapture
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -93,4 +97,25 @@ def test_a_malformed_uri_fails_start_naming_the_setting(
         assert "malformed URI" in str(caught.value)
         assert SECRET not in str(caught.value)
         assert not isinstance(caught.value.__cause__, ValueError)
+    service.stop()
+
+
+def test_a_start_waiting_for_the_schema_lock_says_so_and_gives_up_in_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, captured_logs: LogCapture
+) -> None:
+    # given another process holding the lock of an empty SQLite database (stopped, say)
+    database = tmp_path / "mlflow.db"
+    monkeypatch.setattr(stores, "SCHEMA_WAIT", 0.5)
+    with open(tmp_path / "mlflow.db.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        service = MlflowService(tracking_uri=f"sqlite:///{database}", spool_dir=str(tmp_path))
+
+        # when a job starts on it
+        with pytest.raises(ServiceError) as raised:
+            service.start()
+
+    # then it said why it waited, and failed naming the setting
+    assert any("Waiting for another job creating" in m for m in captured_logs.messages("INFO"))
+    assert str(raised.value).startswith("MlflowService.tracking_uri: another process has held")
+    assert not database.exists()  # nobody created tables behind the lock
     service.stop()

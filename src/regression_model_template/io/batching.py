@@ -370,8 +370,9 @@ class BatchWriter:
                 if self._abandoned:
                     raise _Abandoned()
             pause = min(pause * 2, self._max_backoff)
-        if self._unreachable is not None:
-            self._unreachable = None
+        with self._lock:
+            was, self._unreachable = self._unreachable, None
+        if was is not None:
             logger.info("The tracking store is reachable again: sending the spooled values")
 
     def _attempt(self, run_id: str, batch: Batch) -> Exception | None:
@@ -407,18 +408,25 @@ class BatchWriter:
                         self._lock.wait(remaining)
                     else:
                         self._lock.wait(self._slow_after)
-            self._note_unreachable(f"no answer for {self._slow_after:g} s, MLflow is retrying")
+            cause = f"no answer for {self._slow_after:g} s, MLflow is retrying"
+            self._note_unreachable(cause, during=since)
 
-    def _note_unreachable(self, cause: str) -> None:
-        if self._unreachable is None:
+    def _note_unreachable(self, cause: str, during: float | None = None) -> None:
+        """Warn once that the store cannot be reached (``during``: only if that write goes on)."""
+        with self._lock:
+            if self._unreachable is not None:
+                return
+            if during is not None and self._sending_since != during:
+                return  # the slow write returned meanwhile
             self._unreachable = cause
-            logger.warning(
-                "The tracking store cannot be reached ({}): {} values wait in the spool {}; "
-                "retrying until it is back",
-                cause,
-                self._waiting(),
-                self.spool_dir,
-            )
+            waiting = self._waiting()
+        logger.warning(
+            "The tracking store cannot be reached ({}): {} values wait in the spool {}; "
+            "retrying until it is back",
+            cause,
+            waiting,
+            self.spool_dir,
+        )
 
 
 class _Abandoned(Exception):

@@ -377,8 +377,9 @@ class MlflowService(Service):
         registry_uri: where models are registered. Default (None): the tracking URI.
         experiment_name: experiment created or selected by ``start()``.
         registry_name: name under which jobs register their model.
-        connect_timeout: seconds ``start()`` waits for an HTTP tracking server to answer before
-            failing (MLflow's own retries would take minutes).
+        connect_timeout: seconds ``start()`` waits for an HTTP tracking server to answer, or
+            for a connection to a PostgreSQL store, before failing (MLflow's own retries would
+            take minutes).
         flush_interval: seconds a value logged with ``log_metrics``/``log_params`` may wait in
             the spool before it is written.
         spool_dir: where each run's values are spooled before they are written (None: the

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import math
 import os
 import re
-import tempfile
+import time
 import typing as T
 import urllib.parse
 from pathlib import Path
+
+from loguru import logger
 
 from regression_model_template.io.errors import ServiceError
 from regression_model_template.io.masking import RedactedError, mask_uri, redact, uri_secrets
@@ -142,6 +143,8 @@ def is_postgresql(uri: str) -> bool:
 
 # Any fixed number: PostgreSQL advisory locks are per database, and only ours take this one.
 SCHEMA_LOCK_KEY = 0x726D745F736368  # "rmt_sch"
+#: Seconds a start waits for another process to create MLflow's tables (~3-4 s on PostgreSQL).
+SCHEMA_WAIT = 120.0
 
 
 @contextlib.contextmanager
@@ -152,27 +155,61 @@ def schema_lock(setting: str, uri: str, timeout: float) -> T.Iterator[None]:
     at the same moment crash (PostgreSQL: ``UniqueViolation`` on ``pg_type``). Inside this
     lock one creates them and the others find them. PostgreSQL: an advisory lock (good across
     machines), also a probe bounded by ``timeout`` (MLflow's own retries take many minutes);
-    SQLite: a file lock in the temporary folder. Other stores: no lock.
+    SQLite: a file lock beside the database (``<database>.lock``). Other stores: no lock.
+    Waiting for the lock says so once, and gives up after :data:`SCHEMA_WAIT` seconds.
 
     Raises:
-        ServiceError: the PostgreSQL database cannot be reached within ``timeout`` seconds,
-            naming ``setting`` (credentials masked).
+        ServiceError: naming ``setting`` (credentials masked): the PostgreSQL database cannot
+            be reached within ``timeout`` seconds, the lock file cannot be written, or another
+            process held the lock too long.
 
     Example:
-        >>> with schema_lock("tracking_uri", "sqlite:///mlruns/mlflow.db", timeout=10):
+        >>> import tempfile
+        >>> uri = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"
+        >>> with schema_lock("tracking_uri", uri, timeout=10):
         ...     pass  # open the store here
     """
     if is_postgresql(uri):
         with _advisory_lock(setting, uri, timeout):
             yield
     elif (path := sqlite_path(uri)) is not None:
-        digest = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:16]
-        lock = Path(tempfile.gettempdir()) / f"regression_model_template-schema-{digest}.lock"
-        with lock.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when closed, or when the process dies
+        try:
+            handle = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 -- closed below
+        except OSError as exc:
+            raise ServiceError(
+                SERVICE, setting, f"cannot write the lock file beside {path}: {exc}"
+            ) from exc
+        with handle:  # closing (or dying) releases the lock
+            _acquire(lambda: _try_flock(handle), setting, uri)
             yield
     else:
         yield
+
+
+def _try_flock(handle: T.IO[str]) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _acquire(attempt: T.Callable[[], bool], setting: str, uri: str) -> None:
+    """Call ``attempt`` until it takes the lock; say once that we wait; give up in time."""
+    deadline = time.monotonic() + SCHEMA_WAIT
+    said = False
+    while not attempt():
+        if time.monotonic() >= deadline:
+            raise ServiceError(
+                SERVICE,
+                setting,
+                f"another process has held the schema lock of {mask_uri(uri)} for more than "
+                f"{SCHEMA_WAIT:g} s (it creates MLflow's tables, or it is stopped)",
+            )
+        if not said:
+            said = True
+            logger.info("Waiting for another job creating MLflow's tables in {}", mask_uri(uri))
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -195,7 +232,8 @@ def _advisory_lock(setting: str, uri: str, timeout: float) -> T.Iterator[None]:
             f"(mlflow.connect_timeout): {cause}",
         ) from RedactedError(cause)
     try:
-        connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({SCHEMA_LOCK_KEY})"))
+        query = sqlalchemy.text(f"SELECT pg_try_advisory_lock({SCHEMA_LOCK_KEY})")
+        _acquire(lambda: bool(connection.execute(query).scalar()), setting, uri)
         yield
     finally:
         connection.close()  # closing the session releases the lock

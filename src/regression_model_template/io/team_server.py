@@ -47,6 +47,7 @@ __all__ = [
     "mlflow_server",
     "postgres_bin",
     "postgres_cluster",
+    "running",
     "team_server",
 ]
 
@@ -126,13 +127,15 @@ def postgres_cluster(folder: Path, port: int | None = None) -> T.Iterator[str]:
 
     The cluster is created on first use (``folder/data``, its log in ``folder/postgres.log``),
     listens on 127.0.0.1 only, trusts local connections (user ``postgres``, no password: a
-    stack for one machine) and is stopped when the block ends. A cluster left running by a
-    killed process is stopped first. Run as root, the cluster belongs to the ``postgres``
-    user, which must be able to reach ``folder``.
+    stack for one machine) and is stopped when the block ends, also when the start is
+    interrupted. A cluster left running by a killed process is stopped first; one that a live
+    process runs is left alone (an error). Run as root, the cluster belongs to the
+    ``postgres`` user, which must be able to reach ``folder``.
 
     Raises:
         PostgresUnavailable: PostgreSQL cannot be had here.
-        RuntimeError: the cluster cannot be created or started (the message ends with its log).
+        RuntimeError: the cluster cannot be created or started (the message ends with its
+            log), or another live process runs it.
     """
     bin_dir = postgres_bin()
     folder = Path(folder).absolute()
@@ -143,16 +146,51 @@ def postgres_cluster(folder: Path, port: int | None = None) -> T.Iterator[str]:
         # -A trust: local connections only (127.0.0.1 and the socket in the data folder)
         _pg(as_owner, bin_dir / "initdb", "-D", data, "-A", "trust", "-U", SUPERUSER, "-E", "UTF8",
             "--no-instructions")  # fmt: skip
+    owner = folder / "owner.pid"  # the process that started the cluster running now
     if _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "status", check=False) == 0:
+        other = _owner(owner)
+        if other is not None and other != os.getpid() and _alive(other):
+            raise RuntimeError(f"process {other} runs the PostgreSQL cluster in {folder}")
         _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {data}"
+    started = False
     try:
+        owner.write_text(str(os.getpid()))
         _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "-l", log, "-o", options, "-w", "-t", "60",
             "start", log=log)  # fmt: skip
+        started = True
         yield create_database(f"postgresql://{SUPERUSER}@127.0.0.1:{port}", DATABASE)
     finally:
-        if _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "status", check=False) == 0:
-            _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop", check=False)
+        # An interrupted start may leave a postmaster that is still writing its pid file.
+        _stop_cluster(as_owner, bin_dir, data, patience=0.0 if started else 5.0)
+        owner.unlink(missing_ok=True)
+
+
+def _stop_cluster(as_owner: list[str], bin_dir: Path, data: Path, patience: float) -> None:
+    """Stop the cluster when it runs, watching for it for ``patience`` seconds first."""
+    deadline = time.monotonic() + patience
+    while _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "status", check=False) != 0:
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.2)
+    _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop", check=False)
+
+
+def _owner(file: Path) -> int | None:
+    try:
+        return int(file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _as_postgres_user(folder: Path) -> list[str]:
@@ -243,10 +281,11 @@ def mlflow_server(
         options: more ``mlflow server`` options (e.g. :data:`GUNICORN`).
 
     Raises:
-        RuntimeError: the server exited or did not answer ``/health`` within
-            ``startup_timeout`` seconds; the message ends with its output.
+        RuntimeError: the port is taken, or the server exited or did not answer ``/health``
+            within ``startup_timeout`` seconds; the message ends with its output.
     """
     port = port or free_port()
+    _check_free(port)  # else another server's /health would answer for ours
     url = f"http://127.0.0.1:{port}"
     artifacts = Path(artifacts).absolute()
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -316,6 +355,26 @@ def team_server(folder: Path, port: int = 5000, workers: int = 2) -> T.Iterator[
         yield TeamServer(url, database)
 
 
+def _check_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as the server binds: a port left in TIME_WAIT by an earlier server is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise RuntimeError(f"port {port} on 127.0.0.1 is in use: {exc.strerror}") from None
+
+
+def running(url: str, timeout: float = 5.0) -> bool:
+    """Whether the server at ``url`` answers ``/health``."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+    try:
+        with opener.open(f"{url}/health", timeout=timeout) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 def _main_thread_on_linux() -> bool:
     return sys.platform == "linux" and threading.current_thread() is threading.main_thread()
 
@@ -326,16 +385,13 @@ def _die_with_parent() -> None:
 
 
 def _wait_for_health(process: subprocess.Popen[bytes], url: str, log: Path, timeout: float) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
     deadline = time.monotonic() + timeout
     while True:
         code = process.poll()
         if code is not None:  # note: a taken port makes mlflow server exit with code 0
             raise RuntimeError(f"mlflow server exited ({code}) before answering; " + _tail(log))
-        # refused or reset connections: not up yet
-        with contextlib.suppress(OSError), opener.open(f"{url}/health", timeout=2) as response:
-            if response.status == 200:
-                return
+        if running(url, timeout=2) and process.poll() is None:
+            return
         if time.monotonic() > deadline:
             raise RuntimeError(f"mlflow server gave no /health within {timeout:g} s; " + _tail(log))
         time.sleep(0.2)

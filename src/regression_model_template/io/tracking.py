@@ -226,8 +226,12 @@ class TrackingSession:
                 ) from exc
         run_logs.router.open(run_id, log, options.style)
 
-    def _upload_log(self, run_id: str) -> bool:
-        """Upload the run's log from its spool folder; False: it stays there, for ``recover``."""
+    def _upload_log(self, run_id: str, kept: bool = True) -> bool:
+        """Upload the run's log from its spool folder; False: it stays there, for ``recover``.
+
+        ``kept``: False when the spool folder is deleted next (the store refused the run's
+        values, and the caller was told): the warning says the log is lost.
+        """
         if self._client is None:
             return True
         folder = self.writer.spool_dir / run_id
@@ -235,13 +239,22 @@ class TrackingSession:
             run_logs.upload(self._client, run_id, folder)
         except Exception as exc:
             cause = self._redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
-            logger.warning(
-                "The log of run {} was not uploaded ({}): it waits in {}; "
-                "`regression-model-template recover` uploads it",
-                run_id,
-                cause,
-                folder,
-            )
+            if kept:
+                logger.warning(
+                    "The log of run {} was not uploaded ({}): it waits in {}; "
+                    "`regression-model-template recover` uploads it",
+                    run_id,
+                    cause,
+                    folder,
+                )
+            else:
+                logger.warning(
+                    "The log of run {} was not uploaded ({}), and the store refused the run's "
+                    "values: its spool {} is deleted with them",
+                    run_id,
+                    cause,
+                    folder,
+                )
             return False
         return True
 
@@ -320,7 +333,7 @@ class TrackingSession:
                 "`regression-model-template recover`",
             )
         except ServiceError as refused:  # the store refused values: the caller is told here
-            self._upload_log(run_id)  # the store answers: the log still helps
+            self._upload_log(run_id, kept=False)  # the store answers: the log still helps
             self._end(run_id, "FAILED" if status == "FINISHED" else status)
             self.writer.finish_run(run_id, discard=True)
             problem = refused

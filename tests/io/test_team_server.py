@@ -1,0 +1,31 @@
+"""The team's stack: what can be checked without starting PostgreSQL (see tests/integration)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from regression_model_template.io.team_server import free_port, mlflow_server, running
+
+
+def test_a_taken_port_fails_before_a_server_starts(tmp_path: Path) -> None:
+    # given something else listening on the port (an `mlflow ui` on 5000, say)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+
+        # when a server is started on it, then it fails at once, naming the port
+        with (
+            pytest.raises(RuntimeError, match=rf"port {port} on 127.0.0.1 is in use"),
+            mlflow_server(f"sqlite:///{tmp_path}/m.db", tmp_path / "artifacts", port=port),
+        ):
+            pass  # pragma: no cover -- never reached
+
+    assert not list(tmp_path.glob("server-*.log"))  # no server was started
+
+
+def test_running_is_false_where_nothing_answers() -> None:
+    assert running(f"http://127.0.0.1:{free_port()}", timeout=1) is False
