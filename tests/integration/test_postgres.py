@@ -293,7 +293,13 @@ def test_make_server_runs_a_job_and_ctrl_c_leaves_no_process(tmp_path: Path) -> 
         assert training.returncode == 0, explain(training)
     finally:
         os.killpg(make.pid, signal.SIGINT)  # Ctrl-C at the terminal
-        rest, _ = make.communicate(timeout=120)
+        try:
+            rest, _ = make.communicate(timeout=120)
+        except subprocess.TimeoutExpired as late:
+            processes = subprocess.run(["ps", "axf"], capture_output=True, text=True).stdout
+            os.killpg(make.pid, signal.SIGKILL)
+            server_log = (folder / "server.log").read_text(errors="replace")[-3000:]
+            pytest.fail(f"not stopped within 120 s: {late.output!r}\n{processes}\n{server_log}")
 
     assert "stopped: mlflow server and PostgreSQL" in rest, "".join(lines) + rest
     left = subprocess.run(["pgrep", "-f", str(folder)], capture_output=True, text=True)
