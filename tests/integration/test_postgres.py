@@ -352,8 +352,9 @@ def test_the_server_command_stops_when_its_server_dies(tmp_path: Path) -> None:
         # then the command says so and exits 1, stopping PostgreSQL too
         _, stderr = command.communicate(timeout=60)
     finally:
-        if command.poll() is None:
-            command.kill()
+        if command.poll() is None:  # the test failed: stop the stack as Ctrl-C would
+            command.send_signal(signal.SIGINT)
+            command.wait(120)
     assert command.returncode == 1
     assert "the tracking server stopped answering" in stderr
     left = subprocess.run(["pgrep", "-f", str(folder)], capture_output=True, text=True)
