@@ -80,6 +80,15 @@ def children(code: str, *argv_per_child: list[str]) -> list[subprocess.Completed
     return results
 
 
+def ctrl_c_enabled() -> None:
+    """In the child: SIGINT does what it does in a terminal's foreground job.
+
+    A test run started in the background of a shell (CI scripts can be) inherits SIGINT
+    ignored, and so would the server command, which then could not be stopped by Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # %% the jobs, through a server on PostgreSQL and directly on PostgreSQL
 
 
@@ -274,6 +283,7 @@ def test_make_server_runs_a_job_and_ctrl_c_leaves_no_process(tmp_path: Path) -> 
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # a process group, as a terminal's foreground job
+        preexec_fn=ctrl_c_enabled,
     )  # fmt: skip
     try:
         assert make.stdout is not None
@@ -334,6 +344,7 @@ def test_the_server_command_stops_when_its_server_dies(tmp_path: Path) -> None:
         [sys.executable, "-m", "regression_model_template", "server",
          "--folder", str(folder), "--port", str(free_port()), "--workers", "1"],
         env=clean_environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=ctrl_c_enabled,
     )  # fmt: skip
     try:
         assert command.stdout is not None

@@ -156,7 +156,7 @@ def schema_lock(setting: str, uri: str, timeout: float) -> T.Iterator[None]:
     lock one creates them and the others find them. PostgreSQL: an advisory lock (good across
     machines), also a probe bounded by ``timeout`` (MLflow's own retries take many minutes);
     SQLite: a file lock beside the database (``<database>.lock``). Other stores: no lock.
-    Waiting for the lock says so once, and gives up after :data:`SCHEMA_WAIT` seconds.
+    Waiting for the lock says so once, and gives up after ``SCHEMA_WAIT`` seconds (120).
 
     Raises:
         ServiceError: naming ``setting`` (credentials masked): the PostgreSQL database cannot
