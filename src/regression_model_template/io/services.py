@@ -392,8 +392,9 @@ class MlflowService(Service):
             which is retried for as long as it takes) before the job fails.
         parallel_uploads: ``log_batch`` calls in flight at once when the tracking store is a
             server (``http(s)://``): a server with several workers takes a backlog faster
-            (20,000 values: 4.1 s with 1, 2.3 s with 2, 1.9 s with 4 against 4 workers).
-            1 sends one at a time. A database store is always written by one call at a time.
+            (one job's 20,000 values into a 4-worker server on 2 cores, final flush included:
+            2.22 s with 1, 2.06 s with 2, 1.94 s with 4; ``benchmarks/RESULTS.md``). 1 sends
+            one at a time. A database store is always written by one call at a time.
         capture_log: keep each run's own log: every line logged while it is the innermost open
             run (the job's, its threads', MLflow's) is written, secrets masked, to its spool
             folder as it goes and stored as the artifact ``run.log`` when the run ends (or by
