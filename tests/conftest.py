@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import http.server
 import json
+import subprocess
+import sys
 import threading
 import time
 import typing as T
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import loguru
 import pytest
@@ -109,3 +112,21 @@ def notify_timed(alerts: T.Any, titles: T.Sequence[str], message: str) -> list[f
         alerts.notify(title, message)
         durations.append(time.monotonic() - started)
     return durations
+
+
+def recover_command(
+    cwd: Path, store: str, spool_dir: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``regression-model-template recover`` as a user runs it, configured by the environment."""
+    from regression_model_template.testing import clean_environ
+
+    return subprocess.run(
+        [sys.executable, "-m", "regression_model_template", "recover", *args],
+        cwd=cwd,
+        env=clean_environ(MLFLOW_TRACKING_URI=store, RMT_MLFLOW__SPOOL_DIR=str(spool_dir)),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120.0,  # measured: 3-5 s
+        check=False,
+    )

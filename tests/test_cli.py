@@ -433,3 +433,14 @@ def test_a_malformed_set_never_echoes_a_url(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "expected SECTION.FIELD=VALUE" in result.stderr
     assert TOKEN not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("option", [["--port", "0"], ["--port", "70000"], ["--workers", "0"]])
+def test_server_with_an_impossible_port_or_workers_exits_2_naming_them(
+    tmp_path: Path, option: list[str]
+) -> None:
+    result = _cli(tmp_path, "server", "--folder", str(tmp_path / "stack"), *option)
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: --port must be 1-65535 and --workers at least 1")
+    assert not (tmp_path / "stack").exists()  # nothing was started

@@ -33,7 +33,6 @@ import contextlib
 import os
 import shutil
 import sys
-import time
 import typing as T
 from pathlib import Path
 
@@ -265,6 +264,5 @@ def local_mlflow_server(
         port=port,
         startup_timeout=startup_timeout,
         env=clean_environ(),
-        output=root / f"server-{time.time_ns()}.log",
     ) as url:
         yield url

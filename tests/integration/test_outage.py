@@ -33,6 +33,7 @@ from regression_model_template.testing import (
     local_mlflow_server,
     mlflow_globals_restored,
 )
+from tests.conftest import recover_command
 from tests.integration.test_server import explain, secret_forms
 
 if T.TYPE_CHECKING:
@@ -213,20 +214,6 @@ def _wait_for(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.05)
 
 
-def _recover(tmp_path: Path, uri: str, spool_dir: Path) -> subprocess.CompletedProcess[str]:
-    """``regression-model-template recover`` as a user runs it, configured by the environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "regression_model_template", "recover"],
-        cwd=tmp_path,
-        env=clean_environ(MLFLOW_TRACKING_URI=uri, RMT_MLFLOW__SPOOL_DIR=str(spool_dir)),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT,
-        check=False,
-    )
-
-
 def test_a_run_ending_in_an_outage_is_sent_later_by_recover(
     up: RestartableServer, tmp_path: Path
 ) -> None:
@@ -277,7 +264,7 @@ def test_a_run_ending_in_an_outage_is_sent_later_by_recover(
 
     # and when the server is back, `recover` with the same configuration sends the rest
     up.start()
-    result = _recover(tmp_path, uri, spool_dir)
+    result = recover_command(tmp_path, uri, spool_dir)
 
     # then every value landed once, and the run has the status its block recorded
     assert result.returncode == 0, explain(result)
@@ -291,7 +278,7 @@ def test_a_run_ending_in_an_outage_is_sent_later_by_recover(
     assert stored.data.params == {"alpha": "0.5"}
     assert stored.info.status == "FINISHED"
     assert not folder.exists()
-    again = _recover(tmp_path, uri, spool_dir)
+    again = recover_command(tmp_path, uri, spool_dir)
     assert (again.returncode, again.stdout) == (0, "nothing to recover for this store\n")
 
 
@@ -366,7 +353,7 @@ def test_recovery_never_prints_the_credentials(
 
     # when it is recovered, by the command or by a service's start()
     if recover_with == "command":
-        result = _recover(tmp_path, uri, spool_dir)
+        result = recover_command(tmp_path, uri, spool_dir)
         assert result.returncode == 0, explain(result)
         printed = result.stdout + result.stderr
     else:

@@ -32,6 +32,7 @@ from regression_model_template.testing import (
     local_mlflow_server,
     mlflow_globals_restored,
 )
+from tests.conftest import recover_command
 
 # These machines have no internet: keep MLflow's telemetry quiet in this process too.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -70,22 +71,6 @@ def _entries(folder: Path) -> list[str]:
 
 def _explain(result: subprocess.CompletedProcess[str]) -> str:
     return f"exit code {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-
-
-def _recover_command(
-    tmp_path: Path, store: str, spool_dir: Path, *args: str
-) -> subprocess.CompletedProcess[str]:
-    """``regression-model-template recover`` in a subprocess, configured by the environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "regression_model_template", "recover", *args],
-        cwd=tmp_path,
-        env=clean_environ(MLFLOW_TRACKING_URI=store, RMT_MLFLOW__SPOOL_DIR=str(spool_dir)),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT,
-        check=False,
-    )
 
 
 _CHILD = """
@@ -207,12 +192,12 @@ def test_sigkill_loses_no_value_whose_call_returned(
         ]
         assert _service(mlflow_store, spool_dir).recover() == []
     else:
-        result = _recover_command(tmp_path, mlflow_store, spool_dir)
+        result = recover_command(tmp_path, mlflow_store, spool_dir)
         assert result.returncode == 0, _explain(result)
         assert re.fullmatch(rf"run {run_id}: \d+ value\(s\) sent, ended KILLED\n", result.stdout), (
             _explain(result)
         )
-        again = _recover_command(tmp_path, mlflow_store, spool_dir)
+        again = recover_command(tmp_path, mlflow_store, spool_dir)
         assert again.returncode == 0, _explain(again)
         assert again.stdout == "nothing to recover for this store\n", _explain(again)
 
@@ -355,7 +340,7 @@ def test_a_live_run_of_another_process_is_never_recovered(
         ):
             service.log_metrics({"loss": 1.0}, step=0)
             # and another process recovers while both runs are open
-            command = _recover_command(tmp_path, mlflow_store, spool_dir)
+            command = recover_command(tmp_path, mlflow_store, spool_dir)
 
             # then no recovery touched a live run
             assert reports == []
@@ -499,7 +484,7 @@ def test_the_recover_command_reports_damage_without_a_traceback(
     _cut_last_line(_orphan_spool(spool_dir, run_id, mlflow_store, range(3)))
 
     # when the command recovers it
-    result = _recover_command(tmp_path, mlflow_store, spool_dir)
+    result = recover_command(tmp_path, mlflow_store, spool_dir)
 
     # then one line says what was sent and what was damaged
     assert result.returncode == 0, _explain(result)
@@ -560,7 +545,7 @@ def test_the_recover_command_names_an_unwritable_spool_dir(
     regular = tmp_path / "not-a-folder"
     regular.write_text("a file")
 
-    result = _recover_command(tmp_path, mlflow_store, regular / "spool")
+    result = recover_command(tmp_path, mlflow_store, regular / "spool")
 
     assert result.returncode == 1, _explain(result)
     assert result.stderr.startswith("error: MlflowService.spool_dir: "), _explain(result)

@@ -239,22 +239,12 @@ class TrackingSession:
             run_logs.upload(self._client, run_id, folder)
         except Exception as exc:
             cause = self._redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
-            if kept:
-                logger.warning(
-                    "The log of run {} was not uploaded ({}): it waits in {}; "
-                    "`regression-model-template recover` uploads it",
-                    run_id,
-                    cause,
-                    folder,
-                )
-            else:
-                logger.warning(
-                    "The log of run {} was not uploaded ({}), and the store refused the run's "
-                    "values: its spool {} is deleted with them",
-                    run_id,
-                    cause,
-                    folder,
-                )
+            fate = (
+                f"it waits in {folder}; `regression-model-template recover` uploads it"
+                if kept
+                else f"the store refused the run's values, and its spool {folder} goes with them"
+            )
+            logger.warning("The log of run {} was not uploaded ({}): {}", run_id, cause, fate)
             return False
         return True
 

@@ -113,10 +113,10 @@ class Uploaders:
             finally:
                 done.release()
 
-        helped = calls[1:] if self._threads else []
+        own, helped = (calls[:1], calls[1:]) if self._threads else (calls, [])
         for call in helped:
             self._jobs.put(functools.partial(job, call))
-        for call in calls[: len(calls) - len(helped)]:
+        for call in own:
             job(call)
         for _ in calls:  # every call releases once, the caller's own included
             done.acquire()
