@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import typing as T
 import urllib.parse
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from regression_model_template.io import stores
 from regression_model_template.io.masking import mask_uri, uri_secrets
 from regression_model_template.io.services import MlflowService, ServiceError
 from regression_model_template.io.stores import check_uri
+from regression_model_template.testing import mlflow_globals_restored
 from tests.conftest import LogCapture
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -119,3 +121,31 @@ def test_a_start_waiting_for_the_schema_lock_says_so_and_gives_up_in_time(
     assert str(raised.value).startswith("MlflowService.tracking_uri: another process has held")
     assert not database.exists()  # nobody created tables behind the lock
     service.stop()
+
+
+def test_an_experiment_another_job_creates_meanwhile_is_used_not_an_error(
+    tmp_path: Path,
+) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    class Racing(MlflowClient):
+        """Looks the experiment up just before another job creates it."""
+
+        def get_experiment_by_name(self, name: str) -> T.Any:
+            MlflowClient(uri).create_experiment(name)  # the other job
+            return None
+
+    # when the experiment appears between our lookup and our creation
+    stores.ensure_experiment(Racing(uri), uri, "raced")
+
+    # then it is the experiment the job's runs go to (MLflow's own set_experiment returns
+    # early in that case without making it active, and runs land in "Default")
+    with mlflow_globals_restored():
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.set_experiment("raced")
+        with mlflow.start_run() as run:
+            pass
+    assert run.info.experiment_id == experiment.experiment_id != "0"

@@ -166,7 +166,7 @@ class TrackingSession:
                 client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
                 mlflow.set_tracking_uri(tracking_uri)
                 mlflow.set_registry_uri(registry_uri)
-                stores.create_experiment_beside_store(client, tracking_uri, experiment_name)
+                stores.ensure_experiment(client, tracking_uri, experiment_name)
                 experiment = mlflow.set_experiment(experiment_name)
             with errors("autolog_disable", "cannot configure autolog"):
                 mlflow.autolog(**autolog)
