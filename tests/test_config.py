@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from regression_model_template.config import ConfigError, load_profile
+from regression_model_template.config import (
+    BUNDLED_PROFILES,
+    ConfigError,
+    load_profile,
+    profile_path,
+)
 from regression_model_template.containers import Container
 
 
@@ -80,3 +86,25 @@ def test_an_empty_variable_takes_the_default(tmp_path: Path) -> None:
     tree = load_profile(path, {"ALERT_URLS": "", "APP": ""})
 
     assert tree == {"alerts": {"urls": [], "app_name": ""}}
+
+
+def test_profiles_come_from_the_working_directory_then_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given a working directory without a containers/ folder
+    monkeypatch.chdir(tmp_path)
+    # then both profiles are found in the package's data (importlib.resources), as from a wheel
+    bundled = resources.files(BUNDLED_PROFILES)
+    for name in ("local", "server"):
+        path = profile_path(name)
+        assert path.read_bytes() == bundled.joinpath(f"{name}.yaml").read_bytes()
+    # and a misspelt name lists the bundled profiles
+    with pytest.raises(ConfigError, match=r"did you mean 'server'.*known: local, server"):
+        profile_path("sever")
+
+    # given the working directory's own containers/server.yaml
+    (tmp_path / "containers").mkdir()
+    (tmp_path / "containers" / "server.yaml").write_text("mlflow: {}\n", encoding="utf-8")
+    # then it wins over the bundled one, and the bundled local profile is still found
+    assert profile_path("server").resolve() == tmp_path / "containers" / "server.yaml"
+    assert profile_path("local").read_bytes() == bundled.joinpath("local.yaml").read_bytes()

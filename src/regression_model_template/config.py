@@ -4,8 +4,9 @@ The configuration is a tree of sections (``logger``, ``alerts``, ``mlflow``, ``j
 from layers, lowest to highest precedence:
 
 1. the models' own defaults;
-2. a YAML profile from the ``containers/`` folder (``local`` by default, or ``RMT_PROFILE``,
-   or a name or path given explicitly); ``${VAR}`` and ``${VAR:default}`` are expanded;
+2. a YAML profile: ``./containers/<name>.yaml`` of the working directory, else the profile of
+   that name bundled with the package (``local`` by default, or ``RMT_PROFILE``, or a name or
+   path given explicitly); ``${VAR}`` and ``${VAR:default}`` are expanded;
 3. environment variables ``RMT_<SECTION>__<FIELD>`` and MLflow's own ``MLFLOW_TRACKING_URI``,
    ``MLFLOW_REGISTRY_URI`` and ``MLFLOW_EXPERIMENT_NAME``;
 4. an explicit dict (``Container(config=...)``, ``--set`` on the command line).
@@ -30,6 +31,7 @@ import difflib
 import os
 import re
 import typing as T
+from importlib import resources
 from pathlib import Path
 
 import pydantic
@@ -102,9 +104,8 @@ ENV_PREFIX = "RMT_"
 PROFILE_VARIABLE = "RMT_PROFILE"
 DEFAULT_PROFILE = "local"
 
-# Profiles are looked up in the working directory's containers/ folder, then in the
-# repository's own (present for a source checkout or an editable install).
-PROFILE_FOLDERS = (Path("containers"), Path(__file__).resolve().parents[2] / "containers")
+#: The package that carries the bundled profiles (built from the repository's containers/).
+BUNDLED_PROFILES = "regression_model_template.profiles"
 
 Tree = dict[str, T.Any]
 
@@ -165,19 +166,38 @@ def profile_path(profile: str | os.PathLike[str]) -> Path:
         if candidate.is_file():
             return candidate
         raise ConfigError([f"profile: no such file {str(candidate)!r}"])
-    for folder in PROFILE_FOLDERS:
+    folders = profile_folders()
+    for folder in folders:
         path = folder / f"{profile}.yaml"
         if path.is_file():
             return path
-    known = sorted({p.stem for folder in PROFILE_FOLDERS for p in folder.glob("*.yaml")})
+    known = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
     hint = _suggest(str(profile), known)
-    folders = ", ".join(str(f) for f in PROFILE_FOLDERS)
+    looked = ", ".join(str(f) for f in folders)
     raise ConfigError(
         [
-            f"profile: no profile named {str(profile)!r}{hint} (looked in {folders}; known: "
+            f"profile: no profile named {str(profile)!r}{hint} (looked in {looked}; known: "
             f"{', '.join(known) or 'none'})"
         ]
     )
+
+
+def profile_folders() -> list[Path]:
+    """Where profiles are looked up by name, in order: ``./containers``, then the bundled ones.
+
+    The bundled profiles are package data (``importlib.resources``), so they are found from a
+    wheel as from a checkout.
+
+    Example:
+        >>> working_directory, bundled = profile_folders()
+        >>> working_directory
+        PosixPath('containers')
+        >>> sorted(profile.name for profile in bundled.glob("*.yaml"))
+        ['local.yaml', 'server.yaml']
+    """
+    bundled = resources.files(BUNDLED_PROFILES).joinpath("local.yaml")
+    # An installed package's data is a file on disk; a profile is read as a Path from there.
+    return [Path("containers"), Path(str(bundled)).parent]
 
 
 def load_profile(path: Path, environ: T.Mapping[str, str]) -> Tree:
