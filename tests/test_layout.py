@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import regression_model_template
@@ -70,3 +71,15 @@ def test_no_import_circles() -> None:
 def test_the_checker_finds_a_circle() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_wheel_names_every_package_of_the_source_tree() -> None:
+    # pyproject.toml lists the packages by hand (the profiles map from containers/): a new
+    # subpackage missing from the list would be left out of the wheel.
+    pyproject = tomllib.loads((ROOT.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    in_tree = {
+        ".".join((PACKAGE, *init.parent.relative_to(ROOT).parts))
+        for init in ROOT.rglob("__init__.py")
+    }
+    assert in_tree | {f"{PACKAGE}.profiles"} == listed
