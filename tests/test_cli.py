@@ -295,6 +295,49 @@ def test_check_exits_1_when_the_tracking_server_does_not_answer(tmp_path: Path) 
     assert "Traceback" not in result.stdout + result.stderr
 
 
+# A dependency that cannot be imported, as in a wheel installed without it (issue 15): Python's
+# own way to make an import fail, set before the command line runs.
+WITHOUT_PLATFORMDIRS = (
+    "import sys; sys.modules['platformdirs'] = None; "
+    "from regression_model_template.cli import entry_point; entry_point()"
+)
+
+
+def test_check_names_the_service_when_its_start_raises_anything(tmp_path: Path) -> None:
+    # given a tracking service whose start raises a dependency's own error
+    result = _python(tmp_path, "-c", WITHOUT_PLATFORMDIRS, "check")
+
+    # then one line for it, with the cause, exit 1, and no traceback
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = dict(line.split(maxsplit=1) for line in result.stdout.strip().splitlines())
+    assert lines["logger"].startswith("ok:")
+    assert lines["alerts"].startswith("ok:")
+    assert lines["mlflow"].startswith("FAILED MlflowService.check: failed: ModuleNotFoundError: ")
+    assert "platformdirs" in lines["mlflow"]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_start_failure_names_the_service_and_the_cause_not_its_settings(
+    tmp_path: Path,
+) -> None:
+    # given a start that raises a dependency's error, and one that raises a ServiceError
+    raw = _python(tmp_path, "-c", WITHOUT_PLATFORMDIRS, "run", "training")
+    (tmp_path / "a-file").write_text("")
+    unwritable = _cli(tmp_path, "run", "training", "--set", "mlflow.spool_dir=a-file/spool")
+
+    # then each ERROR line names the service and the cause, and not the service's settings
+    for result, cause in (
+        (raw, "MlflowService.start: failed: ModuleNotFoundError: "),
+        (unwritable, "MlflowService.spool_dir: "),
+    ):
+        assert result.returncode == 1
+        (error_line,) = [line for line in result.stderr.splitlines() if "Could not start" in line]
+        assert f"Could not start {cause}" in error_line
+        assert "tracking_uri" not in error_line
+        assert _last_line(result.stderr).startswith(f"error: {cause}")
+        assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "regression_model_template", "config", "schema"],
@@ -365,6 +408,30 @@ def test_check_lists_the_channels_masked_and_check_alert_reports_each(
     assert alerts_line.startswith("alerts  FAILED AlertsService.urls: not delivered: ")
     assert f"json://127.0.0.1:{receiver.port}/***: delivered" in alerts_line
     assert TOKEN not in listed.stdout + sent.stdout + listed.stderr + sent.stderr
+
+
+def test_check_alert_without_a_channel_says_no_alert_was_sent_and_why(tmp_path: Path) -> None:
+    # given no desktop (the environment has none) and no alert URL
+    listed = _cli(tmp_path, "check")
+    sent = _cli(tmp_path, "check", "--alert")
+    disabled = _cli(tmp_path, "check", "--alert", "--set", "alerts.enable=false")
+
+    def alerts_line(result: subprocess.CompletedProcess[str]) -> str:
+        return next(line for line in result.stdout.splitlines() if line.startswith("alerts"))
+
+    # then check --alert says that nothing was sent, and why; plain check does not
+    assert sent.returncode == listed.returncode == disabled.returncode == 0
+    assert (
+        alerts_line(listed)
+        == "alerts  ok: alerts print to the console (no desktop, no alerts.urls)"
+    )
+    assert alerts_line(sent) == (
+        "alerts  ok: no test alert sent: nowhere to send it (no desktop, no alerts.urls); "
+        "alerts print to the console"
+    )
+    assert "no test alert sent: nowhere to send it (alerts.enable is false)" in alerts_line(
+        disabled
+    )
 
 
 def test_check_fails_on_a_url_apprise_refuses(tmp_path: Path, receiver: Receiver) -> None:

@@ -219,6 +219,7 @@ def _check(container: Container, send_alert: bool = False) -> int:
     """Start each service on its own and report; exit 1 when one cannot work."""
     import functools
 
+    from regression_model_template.io.errors import translated_errors
     from regression_model_template.io.services import Service, ServiceError
 
     checks: list[tuple[str, T.Callable[[], Service], T.Callable[[T.Any], str]]] = [
@@ -229,10 +230,11 @@ def _check(container: Container, send_alert: bool = False) -> int:
     failed = 0
     for name, provider, probe in checks:
         service = provider()
-        try:
-            with service:
+        kind = type(service).__name__
+        try:  # whatever it raises is this service failing: one line, never a traceback
+            with translated_errors(kind, "check", "failed", service.secrets()), service:
                 status = probe(service)
-        except (ServiceError, OSError) as error:
+        except ServiceError as error:
             status, failed = f"FAILED {error}", failed + 1
         print(f"{name:<7} {status}")
     return 1 if failed else 0
@@ -267,7 +269,11 @@ def _check_alerts(service: T.Any, send: bool) -> str:
     if service.refused and not send:
         raise ServiceError("AlertsService", "urls", "unusable: " + "; ".join(service.refused))
     if channels == ["console"] and not service.refused:
-        return "ok: alerts print to the console (no desktop notifications, no alerts.urls)"
+        why = "alerts.enable is false" if not service.enable else "no desktop, no alerts.urls"
+        if send:
+            sent = f"no test alert sent: nowhere to send it ({why})"
+            return f"ok: {sent}; alerts print to the console"
+        return f"ok: alerts print to the console ({why})"
     if not send:
         return f"ok: alerts go to {', '.join(channels)} (check --alert sends a test alert)"
     deliveries = service.probe(f"{PROG} check", "A test alert from `check --alert`.")

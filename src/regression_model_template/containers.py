@@ -50,6 +50,7 @@ from regression_model_template.config import (
     read_layers,
     validate_config,
 )
+from regression_model_template.io.errors import translated_errors
 from regression_model_template.io.services import (
     AlertsService,
     LoggerService,
@@ -213,12 +214,18 @@ def _started(services: T.Sequence[Service]) -> T.Iterator[list[Service]]:
     started: list[Service] = []
     try:
         for service in services:
-            service.start()
+            name = type(service).__name__
+            # Whatever a start raises is that service failing: a ServiceError naming it.
+            with translated_errors(name, "start", "failed", service.secrets()):
+                service.start()
             started.append(service)
-            logger.info("Started {}", type(service).__name__)
+            logger.info("Started {}", name)
             logger.debug("{!r}", service)  # settings, secrets masked
     except BaseException as error:
-        logger.error("Could not start {}: {}", services[len(started)], error)
+        # The service and the cause: its settings are in `config show`, not in this line.
+        failed = type(services[len(started)]).__name__
+        named = isinstance(error, ServiceError) and error.service == failed
+        logger.error("Could not start {}", error if named else f"{failed}: {error!r}")
         for failure in _stop_all(started):
             error.add_note(f"while rolling back: {failure}")
         raise

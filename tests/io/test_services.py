@@ -27,6 +27,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import pydantic
 import pytest
@@ -648,6 +649,31 @@ def test_with_a_desktop_alerts_go_through_plyers_public_facade(
     # then plyer.notification.notify received the alert once, and the console nothing
     assert calls == [{"title": "Training", "message": "done", "app_name": "demo", "timeout": 5}]
     assert capsys.readouterr().out == ""
+
+
+def test_notify_before_start_alerts_like_a_started_service(
+    desktop_session: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # given the template's own test, which users copy: a service that is never started, and
+    # plyer's public notify patched
+    alerts = AlertsService(enable=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # plyer chooses its backend here, warning for each
+        patched = mock.patch(target="plyer.notification.notify")
+    with patched as notify:
+        # when it alerts without start()
+        alerts.notify(title="test", message="hello")
+
+        # then the desktop got the alert once, and the console nothing
+        notify.assert_called_once_with(title="test", message="hello", app_name=alerts.app_name)
+        assert capsys.readouterr().out == ""
+        assert alerts.channels == ["desktop"]
+
+        # and after stop() alerts are printed, the desktop left alone
+        alerts.stop()
+        alerts.notify(title="test", message="again")
+        assert notify.call_count == 1
+    assert capsys.readouterr().out == f"[{alerts.app_name}] test: again\n"
 
 
 def test_a_raising_facade_falls_back_to_the_console(

@@ -23,6 +23,7 @@ import abc
 import contextlib
 import os
 import threading
+import time
 import types
 import typing as T
 from pathlib import Path
@@ -98,6 +99,15 @@ class Service(abc.ABC, pydantic.BaseModel):
 
     def stop(self) -> None:
         """Stop the service and release what it holds; harmless when not started."""
+
+    def secrets(self) -> list[str]:
+        """The secret parts of the settings, to mask in any message (none by default).
+
+        Example:
+            >>> LoggerService().secrets()
+            []
+        """
+        return []
 
     def __enter__(self) -> T.Self:
         self.start()
@@ -221,7 +231,9 @@ class AlertsService(Service):
     When no channel delivers it, or alerts are disabled, it is printed as
     ``[app_name] title: message`` (with the level before the title unless it is ``info``).
     ``notify`` never raises and returns within ``max_wait`` seconds however many channels are
-    slow; each failing channel and cause is warned once, with the URL masked.
+    slow; each failing channel and cause is warned once, with the URL masked. ``notify`` before
+    ``start()`` starts the channels itself, within the same ``max_wait``; after ``stop()``,
+    alerts are printed.
 
     Attributes:
         enable: send alerts to the desktop and the URLs; when False, every alert is printed.
@@ -251,6 +263,8 @@ class AlertsService(Service):
     dedup_seconds: float = pydantic.Field(default=60.0, ge=0)
 
     _dispatcher: alert_channels.Dispatcher | None = pydantic.PrivateAttr(default=None)
+    _stopped: bool = pydantic.PrivateAttr(default=False)  # later alerts go to the console
+    _opening: threading.Lock = pydantic.PrivateAttr(default_factory=threading.Lock)
 
     @property
     def channel(self) -> T.Literal["desktop", "console"]:
@@ -302,6 +316,7 @@ class AlertsService(Service):
             ['console']
         """
         self._close()  # a second start chooses again
+        self._stopped = False
         if not self.enable:
             _logger.debug("Alerts go to the console (alerts.enable is false)")
             return
@@ -320,17 +335,22 @@ class AlertsService(Service):
         ``level`` is ``info``, ``success``, ``warning`` or ``failure``: apprise's notify type,
         and shown in the console line.
 
+        Before ``start()``, the first alert starts the channels (the time it takes counts in
+        ``max_wait``), so a service built in a notebook or a test alerts like a started one.
+
         Example:
             >>> AlertsService(enable=False).notify("Job failed", "ValueError", level="failure")
             [regression_model_template] FAILURE Job failed: ValueError
         """
-        dispatcher = self._dispatcher
+        deadline = time.monotonic() + self.max_wait
+        dispatcher = self._started_on_first_use()
         if level not in alert_channels.LEVELS:
             if dispatcher is not None:
                 dispatcher.warn("level", f"unknown alert level {level!r}: sent as info")
             level = "info"
+        wait = max(deadline - time.monotonic(), 0.0)
         try:  # never raise: no thread at interpreter shutdown, a closed stdout...
-            if dispatcher is None or not dispatcher.send(title, message, level, self.max_wait):
+            if dispatcher is None or not dispatcher.send(title, message, level, wait):
                 tag = "" if level == "info" else f"{level.upper()} "
                 print(f"[{self.app_name}] {tag}{title}: {message}", flush=True)
         except Exception as exc:
@@ -345,8 +365,10 @@ class AlertsService(Service):
             >>> AlertsService(enable=False).probe("check", "test alert")
             []
         """
-        dispatcher = self._dispatcher
-        return dispatcher.probe(title, message, level, self.max_wait) if dispatcher else []
+        deadline = time.monotonic() + self.max_wait
+        dispatcher = self._started_on_first_use()
+        wait = max(deadline - time.monotonic(), 0.0)
+        return dispatcher.probe(title, message, level, wait) if dispatcher else []
 
     def stop(self) -> None:
         """Report folded repeats; later alerts go to the console.
@@ -354,7 +376,16 @@ class AlertsService(Service):
         Example:
             >>> AlertsService(enable=False).stop()
         """
+        self._stopped = True
         self._close()
+
+    def _started_on_first_use(self) -> alert_channels.Dispatcher | None:
+        """The channels; started here when an alert comes before ``start()``."""
+        if self._dispatcher is None and self.enable and not self._stopped:
+            with self._opening:  # two threads alerting at once start the channels once
+                if self._dispatcher is None and not self._stopped:
+                    self.start()
+        return self._dispatcher
 
     def _close(self) -> None:
         dispatcher, self._dispatcher = self._dispatcher, None
@@ -685,7 +716,16 @@ class MlflowService(Service):
             >>> service.redact("cannot reach https://bob:pa55@mlflow.example.com")
             'cannot reach https://bob:***@mlflow.example.com'
         """
-        return redact(text, uri_secrets(self.tracking_uri) + uri_secrets(self.registry_uri))
+        return redact(text, self.secrets())
+
+    def secrets(self) -> list[str]:
+        """The credentials inside the tracking and registry URIs.
+
+        Example:
+            >>> MlflowService(tracking_uri="https://bob:pa55@mlflow.example.com").secrets()
+            ['pa55']
+        """
+        return uri_secrets(self.tracking_uri) + uri_secrets(self.registry_uri)
 
     # -- helpers
 
@@ -693,8 +733,7 @@ class MlflowService(Service):
         return mask_uri(self.tracking_uri)
 
     def _errors(self, setting: str, what: str) -> contextlib.AbstractContextManager[None]:
-        secrets = uri_secrets(self.tracking_uri) + uri_secrets(self.registry_uri)
-        return translated_errors("MlflowService", setting, what, secrets)
+        return translated_errors("MlflowService", setting, what, self.secrets())
 
     def _open_databases(self) -> None:
         """Open each database store once, one process at a time (``stores.schema_lock``).
