@@ -20,9 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from regression_model_template.io.team_server import postgres_bin, running
+from regression_model_template.io.team_server import (
+    cluster_folder,
+    cluster_name,
+    postgres_bin,
+    running,
+)
 from regression_model_template.testing import clean_environ, free_port
-from tests.integration.conftest import require_postgres
+from tests.integration.conftest import postgres_folder, require_postgres
 from tests.integration.test_postgres import ctrl_c_enabled
 from tests.integration.test_server import client_for
 
@@ -148,3 +153,34 @@ def test_the_server_from_a_closed_home_keeps_its_cluster_under_postgres_data_roo
         left = subprocess.run(["pgrep", "-af", str(place)], capture_output=True, text=True)
         assert left.stdout == "", left.stdout
     assert home.stat().st_mode & 0o777 == 0o700  # nobody opened the user's home
+
+
+def test_a_cluster_already_in_a_closed_folder_is_not_replaced_by_an_empty_one(
+    data_root: Path, tmp_path: Path
+) -> None:
+    # given a cluster made in the folder while the postgres user could reach it, since closed
+    folder = tmp_path / "project" / ".server"
+    (folder / "postgres" / "data").mkdir(parents=True)
+    (folder / "postgres" / "data" / "PG_VERSION").write_text("15\n")
+
+    # when the stack looks for its cluster, then it says how to move it, and makes nothing
+    with pytest.raises(RuntimeError, match=r"cannot reach the PostgreSQL cluster in .*: move it"):
+        cluster_folder(folder)
+    assert not (data_root / cluster_name(folder)).exists()
+
+
+def test_a_cluster_under_the_data_root_is_used_again_once_the_folder_is_reachable(
+    data_root: Path,
+) -> None:
+    # given a cluster made under the data root while the folder was closed, since opened
+    folder = postgres_folder("rmt-reopened-") / ".server"
+    try:
+        outside = data_root / cluster_name(folder)
+        (outside / "data").mkdir(parents=True)
+        (outside / "data" / "PG_VERSION").write_text("15\n")
+
+        # when the stack looks for its cluster, then it finds that one, not a new one in the folder
+        assert cluster_folder(folder) == outside
+        assert cluster_folder(folder.parent / "other") == folder.parent / "other" / "postgres"
+    finally:
+        shutil.rmtree(folder.parent)
