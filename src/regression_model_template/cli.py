@@ -307,8 +307,11 @@ def _serve(folder: str, port: int, workers: int) -> int:
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with sigterm_unwinds(), team_server.team_server(Path(folder), port, workers) as stack:
+            outside = stack.cluster.parent != Path(folder).absolute()
+            moved = f" (the postgres user could not reach {folder}/)" if outside else ""
             print(
                 f"tracking server ready: {stack.url} (database {stack.database})\n"
+                f"  PostgreSQL cluster in {stack.cluster}/{moved}\n"
                 f"  MLFLOW_TRACKING_URI={stack.url} {PROG} run training --profile server\n"
                 "Ctrl-C stops it.",
                 flush=True,

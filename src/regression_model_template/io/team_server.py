@@ -8,6 +8,9 @@ PostgreSQL shutdown): nothing is left running.
 - :func:`postgres_cluster`: Debian's PostgreSQL (installed with ``apt-get`` when missing and
   running as root), a cluster in a folder (created on first use, kept between runs), one
   ``mlflow`` database; yields its ``postgresql://`` URI.
+- :func:`cluster_folder`: where the stack of a folder keeps that cluster: in the folder, or,
+  when the ``postgres`` user cannot reach it (run as root under a closed home), under
+  PostgreSQL's own data root.
 - :func:`mlflow_server`: ``mlflow server`` with proxied artifacts; yields its URL once it answers
   ``/health``.
 
@@ -26,7 +29,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import glob
+import hashlib
 import os
+import pwd
+import re
 import shutil
 import signal
 import socket
@@ -42,6 +48,8 @@ __all__ = [
     "GUNICORN",
     "PostgresUnavailable",
     "TeamServer",
+    "cluster_folder",
+    "cluster_name",
     "create_database",
     "free_port",
     "mlflow_server",
@@ -130,7 +138,7 @@ def postgres_cluster(folder: Path, port: int | None = None) -> T.Iterator[str]:
     stack for one machine) and is stopped when the block ends, also when the start is
     interrupted. A cluster left running by a killed process is stopped first; one that a live
     process runs is left alone (an error). Run as root, the cluster belongs to the
-    ``postgres`` user, which must be able to reach ``folder``.
+    ``postgres`` user, which must be able to reach ``folder`` (:func:`cluster_folder` finds one).
 
     Raises:
         PostgresUnavailable: PostgreSQL cannot be had here.
@@ -199,13 +207,88 @@ def _as_postgres_user(folder: Path) -> list[str]:
     if os.geteuid() != 0:
         return []
     shutil.chown(folder, SUPERUSER, SUPERUSER)  # initdb refuses to run as root
-    prefix = ["runuser", "-u", SUPERUSER, "--"]
-    if subprocess.run([*prefix, "test", "-w", str(folder)], check=False).returncode != 0:
+    if not _postgres_can("-w", folder):
         raise RuntimeError(
             f"the `postgres` user cannot write {folder} (a parent folder is closed to other "
             "users): choose a folder it can reach, or open its parents with `chmod o+x`"
         )
-    return prefix
+    return list(_RUNUSER)
+
+
+_RUNUSER = ("runuser", "-u", SUPERUSER, "--")
+
+
+def _postgres_can(test: str, path: Path) -> bool:
+    """Whether the ``postgres`` user passes ``test -w``/``-x`` on ``path`` (run as root)."""
+    done = subprocess.run([*_RUNUSER, "test", test, str(path)], check=False)
+    return done.returncode == 0
+
+
+def cluster_folder(folder: Path) -> Path:
+    """Where the team stack kept in ``folder`` has its PostgreSQL cluster.
+
+    ``folder/postgres`` when the cluster can live there: always for a user other than root,
+    whose cluster runs as that user. Run as root, the cluster belongs to the ``postgres``
+    user; when that user cannot reach ``folder`` (a home closed to other users, ``/root``
+    in a container), the cluster goes to PostgreSQL's own data root (the ``postgres`` user's
+    home, ``/var/lib/postgresql`` on Debian), in a folder named by :func:`cluster_name`. A
+    cluster that already exists in either place is used again; nobody's permissions change.
+    Installs PostgreSQL first when root needs its user (see :func:`postgres_bin`).
+
+    Example (not run here: as root it may install PostgreSQL)::
+
+        cluster_folder(Path("/root/project/.server"))
+        # PosixPath('/var/lib/postgresql/mlflow-project-server-b7fc399b')
+
+    Raises:
+        PostgresUnavailable: PostgreSQL cannot be had here.
+        RuntimeError: a cluster in ``folder/postgres`` is out of the ``postgres`` user's reach,
+            or that user has no data root to hold one.
+    """
+    folder = Path(folder).absolute()
+    inside = folder / "postgres"
+    if os.geteuid() != 0:
+        return inside
+    postgres_bin()  # its package creates the postgres user
+    folder.mkdir(parents=True, exist_ok=True)
+    reachable = _postgres_can("-x", folder)
+    root = Path(pwd.getpwnam(SUPERUSER).pw_dir)
+    outside = root / cluster_name(folder)
+    if (inside / "data" / "PG_VERSION").exists():
+        if not reachable:
+            raise RuntimeError(
+                f"the `postgres` user cannot reach the PostgreSQL cluster in {inside} (a parent "
+                f"folder is closed to other users): move it with `mv {inside} {outside}`, and "
+                "start again"
+            )
+        return inside
+    if reachable and not (outside / "data" / "PG_VERSION").exists():
+        return inside
+    if not (root.is_dir() and _postgres_can("-w", root)):
+        raise RuntimeError(
+            f"the `postgres` user can reach neither {folder} (a parent folder is closed to "
+            f"other users) nor its own data root {root}"
+        )
+    return outside
+
+
+def cluster_name(folder: Path) -> str:
+    """The name of ``folder``'s cluster under PostgreSQL's data root: readable, one per folder.
+
+    The folder's name and its parent's, then a hash of its full path (symbolic links
+    resolved): two folders never share a cluster, and the same folder finds its own again.
+
+    Example:
+        >>> name = cluster_name(Path("/root/project/.server"))
+        >>> name.startswith("mlflow-project-server-"), len(name)
+        (True, 30)
+        >>> name == cluster_name(Path("/root/other/.server"))
+        False
+    """
+    path = Path(folder).resolve()
+    readable = re.sub(r"[^A-Za-z0-9_]+", "-", f"{path.parent.name}-{path.name}").strip("-")
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+    return f"mlflow-{readable[:40]}-{digest}"
 
 
 def _pg(
@@ -325,23 +408,27 @@ def mlflow_server(
 
 
 class TeamServer(T.NamedTuple):
-    """A running stack: the tracking server's URL and its PostgreSQL database's URI."""
+    """A running stack: the tracking server's URL, its database's URI, the cluster's folder."""
 
     url: str
     database: str
+    cluster: Path
 
 
 @contextlib.contextmanager
 def team_server(folder: Path, port: int = 5000, workers: int = 2) -> T.Iterator[TeamServer]:
-    """PostgreSQL in ``folder/postgres`` and ``mlflow server`` on ``port``, for the block.
+    """PostgreSQL and ``mlflow server`` on ``port``, for the block.
 
-    Artifacts go to ``folder/artifacts``, the server's output to ``folder/server.log``. Both
-    are kept between runs; both processes stop when the block ends. ``workers``: see the
-    README's "A tracking server for the team" (2 suits a 2-core machine).
+    The cluster is in ``folder/postgres``, or where :func:`cluster_folder` puts it when the
+    ``postgres`` user cannot reach ``folder``. Artifacts go to ``folder/artifacts``, the
+    server's output to ``folder/server.log``. All are kept between runs; both processes stop
+    when the block ends. ``workers``: see the README's "A tracking server for the team" (2
+    suits a 2-core machine).
     """
     folder = Path(folder).absolute()
+    cluster = cluster_folder(folder)
     with (
-        postgres_cluster(folder / "postgres") as database,
+        postgres_cluster(cluster) as database,
         mlflow_server(
             database,
             folder / "artifacts",
@@ -352,7 +439,7 @@ def team_server(folder: Path, port: int = 5000, workers: int = 2) -> T.Iterator[
             options=GUNICORN,
         ) as url,
     ):
-        yield TeamServer(url, database)
+        yield TeamServer(url, database, cluster)
 
 
 def _check_free(port: int) -> None:
