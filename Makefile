@@ -54,7 +54,8 @@ bench: $(STAMP)  ## benchmarks against raw MLflow and loguru; writes benchmarks/
 	$(BIN)/python benchmarks/run.py
 
 # The team's tracking stack, in the foreground until Ctrl-C: PostgreSQL (its cluster in
-# $(SERVER_DIR)/postgres, created on first use and kept) and mlflow server on 127.0.0.1:$(PORT).
+# $(SERVER_DIR)/postgres, or under PostgreSQL's data root when the postgres user cannot reach that folder;
+# created on first use and kept) and mlflow server on 127.0.0.1:$(PORT).
 PORT ?= 5000
 SERVER_DIR ?= .server
 WORKERS ?= 2

@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--folder",
         default=".server",
-        help="where the database, the artifacts and the logs are kept (.server)",
+        help="where the artifacts, the logs and (when the postgres user can reach it) the "
+        "database are kept (.server)",
     )
     server.add_argument(
         "--workers", type=int, default=2, help="mlflow server processes (2; see the README)"
