@@ -1,0 +1,201 @@
+r"""Prints made while a run is open, copied into its log: tees on ``sys.stdout``/``sys.stderr``.
+
+MLflow tells part of a run's story with ``print``: "Successfully registered model ...",
+"Created version ..." (its ``eprint`` writes to ``sys.stderr`` as it is at the call), and so
+do many libraries and jobs. While at least one captured run is open, :class:`ConsoleCapture`
+puts a :class:`StreamTee` in place of ``sys.stdout`` and ``sys.stderr``; each write goes to
+the console unchanged, and a copy of each whole line goes to the run's log.
+
+Why this design:
+
+- **The Python streams, not the file descriptors.** Redirecting fds 1 and 2 (``dup2`` into a
+  pipe, a reader thread) would also catch child processes and C code, but the console would
+  become a pipe (no terminal: colours and progress bars change), it costs a thread per stream
+  and reorders lines, and a process dying between two ``dup2`` is left without its console.
+  What MLflow and Python code print goes through ``sys.stdout``/``sys.stderr``: that is enough.
+- **The console first, unchanged.** The tee writes to the stream it replaced, then copies:
+  the console gets each line once, as before; ``isatty``, ``encoding``, ``fileno`` and the rest
+  are the original stream's.
+- **No line twice in the run's log, no recursion.** Records logged through loguru reach the run's
+  log through the router (:mod:`.run_logs`); a loguru sink that writes into a tee (a handler
+  someone added on ``sys.stderr`` while a run was open) is not copied again. The LoggerService's
+  own console sink holds the original stream (``add_sink`` unwraps a tee). The copy is written
+  to the run's log directly, never through loguru, so a console sink can never feed itself.
+- **Whole lines.** ``print`` writes the text and the newline in separate calls, and threads print
+  at once: lines are assembled per thread and per stream. A carriage return (a progress bar
+  redrawing itself) keeps only what follows it, as a terminal would show; ANSI colours are
+  dropped; secrets are masked by the run's log, as in every other line.
+- **Given back exactly.** The last captured run's end puts the original objects back, under a
+  lock. A stream someone replaced after us (``contextlib.redirect_stdout``) is left to them; our
+  tee inside it only forwards from then on, and the next capture unwraps it instead of stacking.
+- **Cheap, and only around prints.** A print in a run costs one more call and, per line, one
+  ``os.write``; ``log_metrics`` and loguru records never pass through it. Outside runs nothing
+  is replaced.
+
+Example:
+    >>> import io
+    >>> lines = []
+    >>> capture = ConsoleCapture(lambda thread, line: lines.append(line))
+    >>> original = sys.stdout
+    >>> capture.install()
+    >>> print("Created version '1'")
+    Created version '1'
+    >>> capture.uninstall()
+    >>> sys.stdout is original, lines
+    (True, ["Created version '1'\n"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import threading
+import typing as T
+
+__all__ = ["ConsoleCapture", "StreamTee", "unwrap"]
+
+#: Called with the writing thread's id and one whole line (ending in "\n").
+Copy = T.Callable[[int, str], None]
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_PENDING_MAX = 64 * 1024  # an unterminated line longer than this is copied as it is
+_STREAMS = ("stdout", "stderr")
+
+
+class StreamTee:
+    r"""A text stream standing in for ``sys.stdout`` or ``sys.stderr`` while runs are captured.
+
+    Writes go to ``stream`` unchanged; while ``capture`` is installed, whole lines are copied to
+    it. Every other attribute is the original stream's.
+
+    Example:
+        >>> import io
+        >>> console = io.StringIO()
+        >>> tee = StreamTee(console, "stdout", ConsoleCapture(lambda thread, line: None))
+        >>> print("loss", 0.5, file=tee)
+        >>> console.getvalue() == "loss 0.5\n", tee.original is console, tee.closed
+        (True, True, False)
+    """
+
+    def __init__(self, stream: T.TextIO, name: str, capture: ConsoleCapture) -> None:
+        self._stream = stream
+        self._name = name
+        self._capture = capture
+
+    @property
+    def original(self) -> T.TextIO:
+        """The stream this tee stands in for."""
+        return self._stream
+
+    def write(self, text: str) -> int:
+        """Write ``text`` to the original stream, then copy its whole lines."""
+        written = self._stream.write(text)
+        # A loguru sink writing here: its record reaches the run's log through the router.
+        if text and self._capture.active and not _from_loguru(sys._getframe(1)):
+            self._capture.collect(self._name, text)
+        return written
+
+    def writelines(self, lines: T.Iterable[str]) -> None:
+        """Write each of ``lines``."""
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        """Flush the original stream."""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> T.Any:
+        return getattr(self._stream, name)
+
+
+class ConsoleCapture:
+    """Puts tees on ``sys.stdout``/``sys.stderr`` (:meth:`install`) and takes them off.
+
+    Args:
+        copy: receives each whole line written through a tee, with the writing thread's id;
+            called without any of this object's locks held, and its errors are ignored (a
+            print never fails because of the copy).
+    """
+
+    def __init__(self, copy: Copy) -> None:
+        self._copy = copy
+        self._lock = threading.RLock()  # a signal handler may print inside a print
+        self._pending: dict[tuple[int, str], str] = {}  # (thread, stream) -> unterminated line
+        self._tees: dict[str, StreamTee] = {}
+        self.active = False
+
+    def install(self) -> None:
+        """Stand a tee in for each of ``sys.stdout`` and ``sys.stderr``; harmless when done."""
+        with self._lock:
+            self.active = True
+            for name in _STREAMS:
+                current = getattr(sys, name)
+                if current is None or current is self._tees.get(name):
+                    continue  # no console (pythonw), or already ours
+                tee = StreamTee(unwrap(current), name, self)
+                self._tees[name] = tee
+                setattr(sys, name, tee)
+
+    def uninstall(self) -> None:
+        """Copy what is pending, then give back the streams the tees stood in for."""
+        self.flush()
+        with self._lock:
+            self.active = False
+            for name, tee in self._tees.items():
+                if getattr(sys, name) is tee:
+                    setattr(sys, name, tee.original)
+            self._tees.clear()
+
+    def flush(self) -> None:
+        """Copy every unterminated line as a line of its own (a run is about to end)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for (thread, _), text in pending.items():
+            self._send(thread, text + "\n")
+
+    def collect(self, stream: str, text: str) -> None:
+        """Add ``text`` written by the calling thread to ``stream``; copy the lines it ends."""
+        thread = threading.get_ident()
+        key = (thread, stream)
+        with self._lock:
+            text = self._pending.pop(key, "") + text
+            end = text.rfind("\n") + 1
+            lines, rest = text[:end], text[end:]
+            rest = _last_state(rest)  # a progress bar redrawn: only its last state is kept
+            if len(rest) > _PENDING_MAX:
+                lines, rest = lines + rest + "\n", ""
+            if rest:
+                self._pending[key] = rest
+        if lines:
+            self._send(thread, lines)
+
+    def _send(self, thread: int, text: str) -> None:
+        text = _ANSI.sub("", text)
+        if "\r" in text:
+            lines = text.split("\n")[:-1]  # the text ends with a newline
+            text = "".join(_last_state(line).rstrip("\r") + "\n" for line in lines)
+        with contextlib.suppress(Exception):  # the print itself already reached the console
+            self._copy(thread, text)
+
+
+def unwrap(stream: T.TextIO) -> T.TextIO:
+    """The stream under any tees: what a sink should hold on to.
+
+    Example:
+        >>> unwrap(sys.stderr) is unwrap(unwrap(sys.stderr))
+        True
+    """
+    while isinstance(stream, StreamTee):
+        stream = stream.original
+    return stream
+
+
+def _last_state(text: str) -> str:
+    """What a terminal shows of ``text`` once it is done: what follows its last carriage return."""
+    body = text.rstrip("\r")
+    return text[body.rfind("\r") + 1 :]
+
+
+def _from_loguru(frame: T.Any) -> bool:
+    return str(frame.f_globals.get("__name__", "")).startswith("loguru.")
