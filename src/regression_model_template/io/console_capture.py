@@ -28,9 +28,10 @@ Why this design:
 - **Given back exactly.** The last captured run's end puts the original objects back, under a
   lock. A stream someone replaced after us (``contextlib.redirect_stdout``) is left to them; our
   tee inside it only forwards from then on, and the next capture unwraps it instead of stacking.
-- **Cheap, and only around prints.** A print in a run costs one more call and, per line, one
-  ``os.write``; ``log_metrics`` and loguru records never pass through it. Outside runs nothing
-  is replaced.
+- **Cheap, and only around prints.** ``log_metrics`` and loguru records never pass through a
+  tee, and outside captured runs nothing is replaced. A one-line ``print`` in a run costs
+  ~14 us instead of ~1 us (to ``/dev/null``; measured here), one ``os.write`` into the run's
+  log included: less than a line logged to a file through loguru (~35 us).
 
 Example:
     >>> import io
@@ -47,7 +48,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import re
 import sys
 import threading
@@ -91,9 +91,14 @@ class StreamTee:
     def write(self, text: str) -> int:
         """Write ``text`` to the original stream, then copy its whole lines."""
         written = self._stream.write(text)
-        # A loguru sink writing here: its record reaches the run's log through the router.
-        if text and self._capture.active and not _from_loguru(sys._getframe(1)):
-            self._capture.collect(self._name, text)
+        capture = self._capture
+        if not capture.active or not text:
+            return written
+        if "\n" not in text and "\r" not in text:
+            capture.add_piece(self._name, text)  # print writes each argument on its own
+        # A loguru sink writing here (whole lines): its record reaches the run's log already.
+        elif not _from_loguru(sys._getframe(1)):
+            capture.collect(self._name, text)
         return written
 
     def writelines(self, lines: T.Iterable[str]) -> None:
@@ -154,6 +159,17 @@ class ConsoleCapture:
         for (thread, _), text in pending.items():
             self._send(thread, text + "\n")
 
+    def add_piece(self, stream: str, text: str) -> None:
+        """Add ``text`` (no line end in it) written by the calling thread to ``stream``."""
+        key = (threading.get_ident(), stream)
+        with self._lock:
+            text = self._pending.get(key, "") + text
+            if len(text) <= _PENDING_MAX:
+                self._pending[key] = text
+                return
+            del self._pending[key]
+        self._send(key[0], text + "\n")
+
     def collect(self, stream: str, text: str) -> None:
         """Add ``text`` written by the calling thread to ``stream``; copy the lines it ends."""
         thread = threading.get_ident()
@@ -161,8 +177,7 @@ class ConsoleCapture:
         with self._lock:
             text = self._pending.pop(key, "") + text
             end = text.rfind("\n") + 1
-            lines, rest = text[:end], text[end:]
-            rest = _last_state(rest)  # a progress bar redrawn: only its last state is kept
+            lines, rest = text[:end], _last_state(text[end:])  # a redrawn progress bar: its end
             if len(rest) > _PENDING_MAX:
                 lines, rest = lines + rest + "\n", ""
             if rest:
@@ -171,12 +186,15 @@ class ConsoleCapture:
             self._send(thread, lines)
 
     def _send(self, thread: int, text: str) -> None:
-        text = _ANSI.sub("", text)
+        if "\x1b" in text:
+            text = _ANSI.sub("", text)
         if "\r" in text:
             lines = text.split("\n")[:-1]  # the text ends with a newline
             text = "".join(_last_state(line).rstrip("\r") + "\n" for line in lines)
-        with contextlib.suppress(Exception):  # the print itself already reached the console
+        try:
             self._copy(thread, text)
+        except Exception:  # the print itself already reached the console
+            return
 
 
 def unwrap(stream: T.TextIO) -> T.TextIO:
