@@ -6,6 +6,8 @@ The console is pytest's ``capsys``: the streams a test sees as ``sys.stdout``/``
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 import threading
 import typing as T
@@ -97,6 +99,31 @@ def test_a_nested_run_gets_its_own_prints_and_the_parent_keeps_capturing(
     client = service.client()
     assert run_log(client, outer.info.run_id, tmp_path) == "outer before\nouter after\n"
     assert run_log(client, inner.info.run_id, tmp_path) == "inner\n"
+
+
+def test_a_redirect_inside_a_run_is_teed_too_and_each_line_is_copied_once(
+    tmp_path: Path, mlflow_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    console = sys.stdout
+    redirected = io.StringIO()
+    service = _service(tmp_path, mlflow_store)
+    # given a job that redirects stdout inside its run, and opens a nested run under it
+    with service, service.run_context(_run_config("outer")) as outer:
+        print("outer before")
+        with contextlib.redirect_stdout(redirected):
+            with service.run_context(_run_config("inner")) as inner:
+                print("inner, redirected")
+            print("outer, redirected")
+        print("outer after")
+
+    client = service.client()
+    assert run_log(client, inner.info.run_id, tmp_path) == "inner, redirected\n"
+    assert run_log(client, outer.info.run_id, tmp_path) == (
+        "outer before\nouter, redirected\nouter after\n"
+    )
+    assert redirected.getvalue() == "inner, redirected\nouter, redirected\n"
+    assert capsys.readouterr().out == "outer before\nouter after\n"
+    assert sys.stdout is console
 
 
 def test_no_line_twice_when_a_console_sink_is_added_inside_the_run(

@@ -26,11 +26,13 @@ Why this design:
   redrawing itself) keeps only what follows it, as a terminal would show; ANSI colours are
   dropped; secrets are masked by the run's log, as in every other line.
 - **Given back exactly.** The last captured run's end puts the original objects back, under a
-  lock. A stream someone replaced after us (``contextlib.redirect_stdout``) is left to them; our
-  tee inside it only forwards from then on, and the next capture unwraps it instead of stacking.
+  lock. A stream someone put over a tee (``contextlib.redirect_stdout`` inside a run) is theirs
+  to restore: a run opened under it tees it too, and a tee that another tee writes into copies
+  nothing (one copy per line); a tee left behind after the runs only forwards, and the next
+  capture unwraps it instead of stacking.
 - **Cheap, and only around prints.** ``log_metrics`` and loguru records never pass through a
   tee, and outside captured runs nothing is replaced. A one-line ``print`` in a run costs
-  ~14 us instead of ~1 us (to ``/dev/null``; measured here), one ``os.write`` into the run's
+  ~15 us instead of ~1 us (to ``/dev/null``; measured here), one ``os.write`` into the run's
   log included: less than a line logged to a file through loguru (~35 us).
 
 Example:
@@ -82,6 +84,7 @@ class StreamTee:
         self._stream = stream
         self._name = name
         self._capture = capture
+        self.live = True  # False once taken off: a tee left inside someone's stream only forwards
 
     @property
     def original(self) -> T.TextIO:
@@ -90,15 +93,20 @@ class StreamTee:
 
     def write(self, text: str) -> int:
         """Write ``text`` to the original stream, then copy its whole lines."""
-        written = self._stream.write(text)
-        capture = self._capture
-        if not capture.active or not text:
+        if not self.live or getattr(_writing, "on", False):
+            return self._stream.write(text)  # taken off, or a tee under a tee: only forwards
+        _writing.on = True
+        try:
+            written = self._stream.write(text)
+        finally:
+            _writing.on = False
+        if not text:
             return written
         if "\n" not in text and "\r" not in text:
-            capture.add_piece(self._name, text)  # print writes each argument on its own
+            self._capture.add_piece(self._name, text)  # print writes each argument on its own
         # A loguru sink writing here (whole lines): its record reaches the run's log already.
         elif not _from_loguru(sys._getframe(1)):
-            capture.collect(self._name, text)
+            self._capture.collect(self._name, text)
         return written
 
     def writelines(self, lines: T.Iterable[str]) -> None:
@@ -127,37 +135,42 @@ class ConsoleCapture:
         self._copy = copy
         self._lock = threading.RLock()  # a signal handler may print inside a print
         self._pending: dict[tuple[int, str], str] = {}  # (thread, stream) -> unterminated line
-        self._tees: dict[str, StreamTee] = {}
-        self.active = False
+        self._tees: list[StreamTee] = []  # put on since install(), oldest first
 
     def install(self) -> None:
         """Stand a tee in for each of ``sys.stdout`` and ``sys.stderr``; harmless when done."""
         with self._lock:
-            self.active = True
             for name in _STREAMS:
                 current = getattr(sys, name)
-                if current is None or current is self._tees.get(name):
+                if current is None or (isinstance(current, StreamTee) and current.live):
                     continue  # no console (pythonw), or already ours
+                # A stream someone put over ours (redirect_stdout) gets a tee of its own: what
+                # it forwards to ours is not copied twice (see write).
                 tee = StreamTee(unwrap(current), name, self)
-                self._tees[name] = tee
+                self._tees.append(tee)
                 setattr(sys, name, tee)
 
     def uninstall(self) -> None:
         """Copy what is pending, then give back the streams the tees stood in for."""
-        self.flush()
         with self._lock:
-            self.active = False
-            for name, tee in self._tees.items():
-                if getattr(sys, name) is tee:
-                    setattr(sys, name, tee.original)
+            for tee in self._tees:
+                tee.live = False
             self._tees.clear()
+            for name in _STREAMS:
+                current = getattr(sys, name)
+                if isinstance(current, StreamTee):
+                    setattr(sys, name, unwrap(current))
+        self.flush()
 
-    def flush(self) -> None:
-        """Copy every unterminated line as a line of its own (a run is about to end)."""
+    def flush(self, thread: int | None = None) -> None:
+        """Copy unterminated lines as lines of their own: ``thread``'s (None: every thread's)."""
         with self._lock:
-            pending, self._pending = self._pending, {}
-        for (thread, _), text in pending.items():
-            self._send(thread, text + "\n")
+            if thread is None:
+                pending, self._pending = self._pending, {}
+            else:
+                pending = {k: self._pending.pop(k) for k in list(self._pending) if k[0] == thread}
+        for (writer, _), text in pending.items():
+            self._send(writer, text + "\n")
 
     def add_piece(self, stream: str, text: str) -> None:
         """Add ``text`` (no line end in it) written by the calling thread to ``stream``."""
@@ -197,7 +210,10 @@ class ConsoleCapture:
             return
 
 
-def unwrap(stream: T.TextIO) -> T.TextIO:
+_writing = threading.local()  # on: this thread is inside a tee's write
+
+
+def unwrap(stream: T.TextIO | StreamTee) -> T.TextIO:
     """The stream under any tees: what a sink should hold on to.
 
     Example:

@@ -306,7 +306,10 @@ class Router:
 
     def close(self, run_id: str, note: str | None = None) -> None:
         """Stop tagging and capturing for ``run_id``; end its log with ``note``."""
-        self._console.flush()  # a line printed without its newline yet belongs to this run
+        # Lines printed without their newline yet belong to the closing run: this thread's, and
+        # every thread's when no captured run remains.
+        others = any(entry.log for entry in self._open if entry.run_id != run_id)
+        self._console.flush(threading.get_ident() if others else None)
         with self._lock:
             closing = [entry for entry in self._open if entry.run_id == run_id]
             self._open = tuple(entry for entry in self._open if entry.run_id != run_id)
