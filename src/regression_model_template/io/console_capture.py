@@ -68,8 +68,8 @@ _STREAMS = ("stdout", "stderr")
 class StreamTee:
     r"""A text stream standing in for ``sys.stdout`` or ``sys.stderr`` while runs are captured.
 
-    Writes go to ``stream`` unchanged; while ``capture`` is installed, whole lines are copied to
-    it. Every other attribute is the original stream's.
+    Writes go to ``stream`` unchanged, and their whole lines to ``capture`` until the tee is
+    taken off (``live`` False). Every other attribute is the original stream's.
 
     Example:
         >>> import io
@@ -151,7 +151,7 @@ class ConsoleCapture:
                 setattr(sys, name, tee)
 
     def uninstall(self) -> None:
-        """Copy what is pending, then give back the streams the tees stood in for."""
+        """Give back the streams the tees stood in for; copy what is still pending."""
         with self._lock:
             for tee in self._tees:
                 tee.live = False
