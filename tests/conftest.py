@@ -130,3 +130,12 @@ def recover_command(
         timeout=120.0,  # measured: 3-5 s
         check=False,
     )
+
+
+def run_log(client: T.Any, run_id: str, folder: Path) -> str | None:
+    """The run's ``run.log`` artifact, downloaded from the store (None: the run has none)."""
+    if "run.log" not in {artifact.path for artifact in client.list_artifacts(run_id)}:
+        return None
+    target = folder / f"download-{run_id}"
+    target.mkdir(exist_ok=True)
+    return Path(client.download_artifacts(run_id, "run.log", str(target))).read_text()

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from regression_model_template.containers import Container, lifespan
 from regression_model_template.io.services import LoggerService, MlflowService
 from regression_model_template.testing import clean_environ
+from tests.conftest import run_log
 
 RunConfig = MlflowService.RunConfig
 CHILD_TIMEOUT = 120.0
@@ -32,15 +33,6 @@ CHILD_TIMEOUT = 120.0
 
 def _run_config(name: str) -> MlflowService.RunConfig:
     return RunConfig(name=name, log_system_metrics=False)
-
-
-def _run_log(client: MlflowClient, run_id: str, tmp_path: Path) -> str | None:
-    """The run's ``run.log`` artifact (None: the run has none)."""
-    if "run.log" not in {artifact.path for artifact in client.list_artifacts(run_id)}:
-        return None
-    folder = tmp_path / f"download-{run_id}"
-    folder.mkdir(exist_ok=True)
-    return Path(client.download_artifacts(run_id, "run.log", str(folder))).read_text()
 
 
 @pytest.fixture
@@ -69,7 +61,7 @@ def test_a_failed_run_keeps_its_lines_and_the_traceback(
     # then the FAILED run has a run.log with the lines and the traceback
     client = service.client()
     assert client.get_run(run.info.run_id).info.status == "FAILED"
-    text = _run_log(client, run.info.run_id, tmp_path)
+    text = run_log(client, run.info.run_id, tmp_path)
     assert text is not None
     assert "INFO loading the data\n" in text
     assert "WARNING 3 rows dropped\n" in text
@@ -96,8 +88,8 @@ def test_nested_runs_each_get_the_lines_written_while_innermost(
 
     client = service.client()
     assert client.get_run(outer.info.run_id).info.status == "FINISHED"
-    outer_log = _run_log(client, outer.info.run_id, tmp_path)
-    inner_log = _run_log(client, inner.info.run_id, tmp_path)
+    outer_log = run_log(client, outer.info.run_id, tmp_path)
+    inner_log = run_log(client, inner.info.run_id, tmp_path)
     assert outer_log == "INFO outer before\nINFO outer after\n"
     assert inner_log == "INFO inner\nINFO from a worker thread\n"
 
@@ -120,7 +112,7 @@ def test_json_records_carry_the_run_id_inside_a_run_only(tmp_path: Path, mlflow_
     assert run_ids["inside"] == run_ids["stdlib inside"] == run.info.run_id
     assert run_ids["before"] is None and run_ids["after"] is None
     # a JSON sink does not change the run's log: it is text in the logger's format
-    text = _run_log(service.client(), run.info.run_id, tmp_path)
+    text = run_log(service.client(), run.info.run_id, tmp_path)
     assert text is not None and "| INFO     | " in text and "- inside\n" in text
 
 
@@ -155,7 +147,7 @@ def test_capture_off_stores_no_log(tmp_path: Path, mlflow_store: str) -> None:
     with service, service.run_context(_run_config("off")) as run:
         logger.info("not kept")
 
-    assert _run_log(service.client(), run.info.run_id, tmp_path) is None
+    assert run_log(service.client(), run.info.run_id, tmp_path) is None
     assert list((tmp_path / "spool").iterdir()) == []
 
 
@@ -171,7 +163,7 @@ def test_a_log_past_the_cap_keeps_its_head_and_tail(tmp_path: Path, mlflow_store
         for i in range(5_000):
             logger.info("line {:05d}", i)  # 11 bytes each: 55,000 in all
 
-    text = _run_log(service.client(), run.info.run_id, tmp_path)
+    text = run_log(service.client(), run.info.run_id, tmp_path)
     assert text is not None
     assert len(text.encode()) <= 10_000 + 200
     lines = text.splitlines()
@@ -206,7 +198,7 @@ def test_secrets_known_to_the_services_are_masked_in_the_log(
         with service.run_context(_run_config("secrets")) as run:
             logger.info("registry at {}, alerts to {}", registry, hook)
 
-    text = _run_log(service.client(), run.info.run_id, tmp_path)
+    text = run_log(service.client(), run.info.run_id, tmp_path)
     assert text is not None
     assert "pa55w0rd" not in text and "t0kenABC123" not in text
     assert "registry at http://bob:***@127.0.0.1:9" in text
@@ -242,7 +234,7 @@ def test_an_artifact_store_that_refuses_the_log_leaves_it_for_recover(
     blocker.unlink()
     [report] = service_blocked.recover()
     assert "its log uploaded" in report.summary()
-    text = _run_log(client, run.info.run_id, tmp_path)
+    text = run_log(client, run.info.run_id, tmp_path)
     assert text is not None and "worth keeping" in text
     assert not kept.parent.exists()
 
@@ -315,7 +307,7 @@ def test_sigterm_ends_the_run_killed_with_its_log(tmp_path: Path, mlflow_store: 
 
     client, run_id = _only_run(mlflow_store)
     assert client.get_run(run_id).info.status == "KILLED"
-    text = _run_log(client, run_id, tmp_path)
+    text = run_log(client, run_id, tmp_path)
     assert text == "INFO step 0\nINFO step 1\nINFO step 2\nINFO waiting\n" + (
         "The run ended KILLED (Terminated)\n"
     )
@@ -344,7 +336,7 @@ def test_after_kill_9_recover_uploads_the_log_up_to_the_kill(
         process.wait()
     client, run_id = _only_run(mlflow_store)
     assert client.get_run(run_id).info.status == "RUNNING"
-    assert _run_log(client, run_id, tmp_path) is None
+    assert run_log(client, run_id, tmp_path) is None
 
     result = subprocess.run(
         [sys.executable, "-m", "regression_model_template", "recover"],
@@ -361,6 +353,6 @@ def test_after_kill_9_recover_uploads_the_log_up_to_the_kill(
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"run {run_id}: 0 value(s) sent, its log uploaded (" in result.stdout
     assert client.get_run(run_id).info.status == "KILLED"
-    text = _run_log(client, run_id, tmp_path)
+    text = run_log(client, run_id, tmp_path)
     expected = "".join(f"INFO step {i}\n" for i in range(200))
     assert text == expected + "WARNING last line before the kill\n"

@@ -16,6 +16,7 @@ from regression_model_template.containers import Container, inject
 from regression_model_template.io.services import MlflowService
 from regression_model_template.jobs import JobsConfig
 from regression_model_template.testing import Alert
+from tests.conftest import run_log
 
 if T.TYPE_CHECKING:
     from mlflow.entities import Run
@@ -83,10 +84,25 @@ def test_training_logs_registers_the_champion_and_alerts(
     assert alert.title == "training finished"
     assert f"rmse={result.metrics['rmse']:.2f}" in alert.message
     assert result.run_id in alert.message
+    # The run's own log tells its story: the settings, the data and its split, the metrics,
+    # the model logged, and the version registered, MLflow's printed lines included.
+    text = run_log(client, result.run_id, tmp_path)
+    assert text is not None
+    assert "Settings: alpha=1.0 model_alias=champion model_version=None random_state=42 " in text
+    data = "Data: diabetes data (scikit-learn): 442 rows x 10 columns, split 353 train / 89 test"
+    assert f"{data}\n" in text
+    assert "Training a ridge regression (alpha=1.0) on 353 rows\n" in text
+    metrics = run.data.metrics
+    assert f"rmse={metrics['rmse']:.4g} mae={metrics['mae']:.4g} r2={metrics['r2']:.4g}\n" in text
+    assert f"Logged the model 'model': model id {model.model_id}, models:/{model.model_id}" in text
+    name = service.registry_name
+    printed = f"Successfully registered model '{name}'.\nCreated version '1' of model '{name}'.\n"
+    assert printed in text
+    assert text.rstrip().endswith(f"Registered {name} version 1 as @champion")
 
 
 def test_evaluation_scores_the_champion_then_a_version(
-    service_container: Container, alerts_outbox: list[Alert]
+    service_container: Container, alerts_outbox: list[Alert], tmp_path: Path
 ) -> None:
     trained = jobs.run("training", service_container)
 
@@ -102,6 +118,16 @@ def test_evaluation_scores_the_champion_then_a_version(
     assert {k: run.data.metrics[k] for k in METRICS} == pytest.approx(trained.metrics)
     assert alerts_outbox[-1].title == "evaluation finished"
     assert evaluated.run_id in alerts_outbox[-1].message
+    # Its run's log says what it loaded (the champion's version, trained by which run) and
+    # what it measured.
+    text = run_log(client, evaluated.run_id, tmp_path)
+    assert text is not None
+    assert "Data: diabetes data (scikit-learn): 442 rows x 10 columns" in text
+    assert f"Loading {evaluated.model_uri}\n" in text
+    assert f"Loaded {name} version 1: model id m-" in text
+    assert f"trained in run {trained.run_id}\n" in text
+    metrics = run.data.metrics
+    assert f"rmse={metrics['rmse']:.4g} mae={metrics['mae']:.4g} r2={metrics['r2']:.4g}\n" in text
 
     # By version: jobs.model_version wins over the alias.
     with service_container.jobs_config.override(providers.Object(JobsConfig(model_version=1))):

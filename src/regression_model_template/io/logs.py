@@ -21,7 +21,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from regression_model_template.io import run_logs
+from regression_model_template.io import console_capture, run_logs
 from regression_model_template.io.errors import translated_errors
 
 if T.TYPE_CHECKING:
@@ -98,7 +98,9 @@ def add_sink(sink: str, *, colorize: bool | None, **options: T.Any) -> int:
         plain text in a pipe
         >>> remove_sink(handler_id)
     """
+    # Under a tee (a sink added while a run is open), the console itself: each line once.
     stream = {"stderr": sys.stderr, "stdout": sys.stdout}.get(sink)
+    stream = console_capture.unwrap(stream) if stream is not None else None
     if stream is None:
         with translated_errors("LoggerService", "sink", f"cannot create {sink!r}"):
             Path(sink).parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +115,7 @@ def add_sink(sink: str, *, colorize: bool | None, **options: T.Any) -> int:
             colorize = False
             # Line-buffered like loguru's own file sink; closed by the sink's stop().
             file = Path(sink).open("a", buffering=1, encoding="utf-8")  # noqa: SIM115
-            destination = _TeeSink(file, False)
+            destination = _TeeSink(file, False, owned=True)
         try:
             handler_id = logger.add(destination, colorize=colorize, **options)
         except BaseException:
@@ -138,10 +140,10 @@ class _TeeSink:
     loguru writes each formatted line, flushes, and calls ``stop`` when the handler is removed.
     """
 
-    def __init__(self, stream: T.TextIO, coloured: bool) -> None:
+    def __init__(self, stream: T.TextIO, coloured: bool, owned: bool = False) -> None:
         self._stream = stream
         self._coloured = coloured  # ANSI colours are stripped from the run's copy
-        self._owned = stream not in (sys.stdout, sys.stderr)  # a file opened for the sink
+        self._owned = owned  # a file opened for the sink, closed with it
         run_logs.router.attach_tee(self)
 
     def write(self, message: loguru.Message) -> None:

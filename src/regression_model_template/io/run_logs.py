@@ -13,6 +13,10 @@ A record belongs to the innermost open run *of the process* (the calling thread'
 first, when it has one): MLflow's and the job's worker threads log into the run too, which a
 context variable (``logger.contextualize``) would miss.
 
+What is printed while a captured run is open (``print``, MLflow's "Successfully registered
+model ..." on ``sys.stderr``) goes to the console as before and, line by line, to the same
+run's log: see :mod:`.console_capture` for how, and why.
+
 The size is capped: the first half of the cap is kept whole (``run.log``), then the log rolls
 through numbered tail segments of a quarter of the cap each, the two newest kept. The artifact
 is the head, one line saying how much was cut, and the tail.
@@ -49,6 +53,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from regression_model_template.io.console_capture import ConsoleCapture
 from regression_model_template.io.masking import secret_forms
 
 if T.TYPE_CHECKING:
@@ -278,12 +283,15 @@ class Router:
         self._tees: list[object] = []  # plain-text sinks feeding the router; the first is used
         self._handler_id: int | None = None
         self._patcher: T.Callable[[loguru.Record], None] | None = None
+        self._console = ConsoleCapture(self._write_printed)
 
     def open(self, run_id: str, log: RunLog | None, style: LogStyle) -> None:
-        """Tag records with ``run_id`` (and capture them into ``log``) until :meth:`close`."""
+        """Tag records with ``run_id``; capture them, and prints, into ``log`` until closed."""
         with self._lock:
             self._open += (_Open(run_id, threading.get_ident(), log),)
             self._install_patcher()
+            if log is not None:
+                self._console.install()
             if log is not None and not self._tees and self._handler_id is None:
                 # The record's text in the LoggerService's format, uncoloured; never variable
                 # values in tracebacks (diagnose): the artifact is shared and kept.
@@ -298,12 +306,17 @@ class Router:
 
     def close(self, run_id: str, note: str | None = None) -> None:
         """Stop tagging and capturing for ``run_id``; end its log with ``note``."""
+        # Lines printed without their newline yet belong to the closing run: this thread's, and
+        # every thread's when no captured run remains.
+        others = any(entry.log for entry in self._open if entry.run_id != run_id)
+        self._console.flush(threading.get_ident() if others else None)
         with self._lock:
             closing = [entry for entry in self._open if entry.run_id == run_id]
             self._open = tuple(entry for entry in self._open if entry.run_id != run_id)
             handler_id = None
             if not any(entry.log for entry in self._open):
                 handler_id, self._handler_id = self._handler_id, None
+                self._console.uninstall()
         if handler_id is not None:
             with contextlib.suppress(ValueError):
                 logger.remove(handler_id)
@@ -339,6 +352,11 @@ class Router:
         entry = self._entry(message.record["thread"].id)
         if entry is not None and entry.log is not None:
             entry.log.write(_ANSI.sub("", message) if coloured else message)
+
+    def _write_printed(self, thread: int, text: str) -> None:
+        entry = self._entry(thread)
+        if entry is not None and entry.log is not None:
+            entry.log.write(text)
 
     def _write(self, message: loguru.Message) -> None:
         entry = self._entry(message.record["thread"].id)

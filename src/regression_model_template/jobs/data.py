@@ -29,6 +29,40 @@ def load_split(config: JobsConfig) -> tuple[T.Any, T.Any, T.Any, T.Any]:
     )
 
 
+def describe_split(x_train: T.Any, x_test: T.Any) -> str:
+    """One line on the data a job uses: its size and how it was split.
+
+    Example:
+        >>> print(describe_split(*load_split(JobsConfig(test_size=0.25))[:2]))
+        diabetes data (scikit-learn): 442 rows x 10 columns, split 331 train / 111 test
+    """
+    rows, columns = len(x_train) + len(x_test), x_train.shape[1]
+    return (
+        f"diabetes data (scikit-learn): {rows} rows x {columns} columns, "
+        f"split {len(x_train)} train / {len(x_test)} test"
+    )
+
+
+def describe_settings(config: JobsConfig) -> str:
+    """The job's settings as one line, ``name=value`` each.
+
+    Example:
+        >>> describe_settings(JobsConfig(alpha=0.5))
+        'alpha=0.5 model_alias=champion model_version=None random_state=42 test_size=0.2'
+    """
+    return " ".join(f"{name}={value}" for name, value in sorted(config.model_dump().items()))
+
+
+def describe_metrics(metrics: T.Mapping[str, float]) -> str:
+    """Metrics as one line, 4 significant digits each.
+
+    Example:
+        >>> describe_metrics({"rmse": 53.7812, "r2": 0.45408})
+        'rmse=53.78 r2=0.4541'
+    """
+    return " ".join(f"{name}={value:.4g}" for name, value in metrics.items())
+
+
 def regression_metrics(actual: T.Any, predicted: T.Any) -> dict[str, float]:
     """Return rmse, mae and r2.
 

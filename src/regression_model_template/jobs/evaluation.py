@@ -9,7 +9,13 @@ from dependency_injector.wiring import Provide
 from regression_model_template.containers import Container, inject
 from regression_model_template.io.services import AlertsService, LoggerService, MlflowService
 from regression_model_template.jobs import JobsConfig
-from regression_model_template.jobs.data import load_split, regression_metrics
+from regression_model_template.jobs.data import (
+    describe_metrics,
+    describe_settings,
+    describe_split,
+    load_split,
+    regression_metrics,
+)
 
 
 class EvaluationResult(T.NamedTuple):
@@ -44,15 +50,31 @@ def evaluation(
     else:
         model_uri = f"models:/{name}@{config.model_alias}"
     logger = logger_service.logger()
-    _, x_test, _, y_test = load_split(config)
     run_config = MlflowService.RunConfig(name="evaluation", tags={"job": "evaluation"})
+    # Everything the run is about happens inside it: its run.log tells the whole story.
     with mlflow_service.run_context(run_config) as run:
+        logger.info("Settings: {}", describe_settings(config))
         mlflow_service.log_params({"model_uri": model_uri, "test_size": config.test_size})
+        x_train, x_test, _, y_test = load_split(config)
+        logger.info("Data: {}", describe_split(x_train, x_test))
         logger.info("Loading {}", model_uri)
         model = mlflow.pyfunc.load_model(model_uri)
+        if config.model_version is not None:
+            version = str(config.model_version)
+        else:
+            alias = mlflow_service.client().get_model_version_by_alias(name, config.model_alias)
+            version = str(alias.version)
+        logger.info(
+            "Loaded {} version {}: model id {}, trained in run {}",
+            name,
+            version,
+            model.metadata.model_id,
+            model.metadata.run_id,
+        )
         metrics = regression_metrics(y_test, model.predict(x_test))
+        logger.info("Test metrics ({} rows): {}", len(x_test), describe_metrics(metrics))
         mlflow_service.log_metrics(metrics)
-    logger.info("Evaluated {}: {}", model_uri, metrics)
+        logger.info("Evaluated {}", model_uri)
     alerts.notify(
         "evaluation finished",
         f"rmse={metrics['rmse']:.2f} r2={metrics['r2']:.3f} {model_uri} run {run.info.run_id}",

@@ -9,7 +9,13 @@ from dependency_injector.wiring import Provide
 from regression_model_template.containers import Container, inject
 from regression_model_template.io.services import AlertsService, LoggerService, MlflowService
 from regression_model_template.jobs import JobsConfig
-from regression_model_template.jobs.data import load_split, regression_metrics
+from regression_model_template.jobs.data import (
+    describe_metrics,
+    describe_settings,
+    describe_split,
+    load_split,
+    regression_metrics,
+)
 
 
 class TrainingResult(T.NamedTuple):
@@ -45,14 +51,19 @@ def training(
     from sklearn.preprocessing import StandardScaler
 
     logger = logger_service.logger()
-    x_train, x_test, y_train, y_test = load_split(config)
-    model = make_pipeline(StandardScaler(), Ridge(alpha=config.alpha))
+    registry_name = mlflow_service.registry_name
     run_config = MlflowService.RunConfig(name="training", tags={"job": "training"})
+    # Everything the run is about happens inside it: its run.log tells the whole story.
     with mlflow_service.run_context(run_config) as run:
-        logger.info("Training a ridge regression on {} rows", len(x_train))
+        logger.info("Settings: {}", describe_settings(config))
+        x_train, x_test, y_train, y_test = load_split(config)
+        logger.info("Data: {}", describe_split(x_train, x_test))
+        model = make_pipeline(StandardScaler(), Ridge(alpha=config.alpha))
+        logger.info("Training a ridge regression (alpha={}) on {} rows", config.alpha, len(x_train))
         model.fit(x_train, y_train)
         predictions = model.predict(x_test)
         metrics = regression_metrics(y_test, predictions)
+        logger.info("Test metrics ({} rows): {}", len(x_test), describe_metrics(metrics))
         mlflow_service.log_params(config.model_dump())
         mlflow_service.log_metrics(metrics)
         info = mlflow.sklearn.log_model(
@@ -62,19 +73,21 @@ def training(
             # Naming the requirement avoids MLflow's slow requirement inference.
             pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
         )
-        mlflow.log_figure(_predicted_vs_actual(y_test, predictions), "predicted_vs_actual.png")
-        version = mlflow.register_model(info.model_uri, mlflow_service.registry_name).version
-        mlflow_service.client().set_registered_model_alias(
-            mlflow_service.registry_name, config.model_alias, version
+        logger.info(
+            "Logged the model {!r}: model id {}, {}", info.name, info.model_id, info.model_uri
         )
+        mlflow.log_figure(_predicted_vs_actual(y_test, predictions), "predicted_vs_actual.png")
+        logger.info("Logged the plot predicted_vs_actual.png")
+        version = mlflow.register_model(info.model_uri, registry_name).version
+        mlflow_service.client().set_registered_model_alias(
+            registry_name, config.model_alias, version
+        )
+        logger.info("Registered {} version {} as @{}", registry_name, version, config.model_alias)
     run_id = run.info.run_id
-    logger.info(
-        "Registered {} version {} as @{}", mlflow_service.registry_name, version, config.model_alias
-    )
     alerts.notify(
         "training finished",
         f"rmse={metrics['rmse']:.2f} r2={metrics['r2']:.3f} run {run_id} "
-        f"model {mlflow_service.registry_name} v{version}",
+        f"model {registry_name} v{version}",
         level="success",
     )
     return TrainingResult(run_id, metrics, str(version))
