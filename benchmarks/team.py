@@ -12,11 +12,6 @@ from pathlib import Path
 from benchmarks.common import Context, Row, Sizes, median, note, rate_row, row
 from benchmarks.job import bench_job
 
-
-def run(context: Context) -> list[Row]:
-    return bench_team(context.folder / "team", context.sizes)
-
-
 TEAM_WORKERS = 4  # as a team would run it (MLflow's default); this machine has 2 cores
 
 # One job process: starts, reports "ready" with its run started, waits for "go" on stdin, logs
@@ -52,6 +47,10 @@ else:  # per-call mlflow.log_metric
         end = time.time()
 print(json.dumps({"run_id": run.info.run_id, "start": start, "end": end}), flush=True)
 """
+
+
+def run(context: Context) -> list[Row]:
+    return bench_team(context.folder / "team", context.sizes)
 
 
 def _team_jobs(
