@@ -7,9 +7,11 @@ import typing as T
 from dependency_injector.wiring import Provide
 
 from regression_model_template.containers import Container, inject
-from regression_model_template.io.services import AlertsService, LoggerService, MlflowService
 from regression_model_template.jobs import JobsConfig
 from regression_model_template.jobs.data import load_split, regression_metrics
+
+if T.TYPE_CHECKING:  # annotations only: wiring inspects every class a job module holds (slow)
+    from regression_model_template.io.services import AlertsService, LoggerService, MlflowService
 
 
 class EvaluationResult(T.NamedTuple):
@@ -45,7 +47,7 @@ def evaluation(
         model_uri = f"models:/{name}@{config.model_alias}"
     logger = logger_service.logger()
     _, x_test, _, y_test = load_split(config)
-    run_config = MlflowService.RunConfig(name="evaluation", tags={"job": "evaluation"})
+    run_config = mlflow_service.RunConfig(name="evaluation", tags={"job": "evaluation"})
     with mlflow_service.run_context(run_config) as run:
         mlflow_service.log_params({"model_uri": model_uri, "test_size": config.test_size})
         logger.info("Loading {}", model_uri)

@@ -7,9 +7,11 @@ import typing as T
 from dependency_injector.wiring import Provide
 
 from regression_model_template.containers import Container, inject
-from regression_model_template.io.services import AlertsService, LoggerService, MlflowService
 from regression_model_template.jobs import JobsConfig
 from regression_model_template.jobs.data import load_split, regression_metrics
+
+if T.TYPE_CHECKING:  # annotations only: wiring inspects every class a job module holds (slow)
+    from regression_model_template.io.services import AlertsService, LoggerService, MlflowService
 
 
 class TrainingResult(T.NamedTuple):
@@ -47,7 +49,7 @@ def training(
     logger = logger_service.logger()
     x_train, x_test, y_train, y_test = load_split(config)
     model = make_pipeline(StandardScaler(), Ridge(alpha=config.alpha))
-    run_config = MlflowService.RunConfig(name="training", tags={"job": "training"})
+    run_config = mlflow_service.RunConfig(name="training", tags={"job": "training"})
     with mlflow_service.run_context(run_config) as run:
         logger.info("Training a ridge regression on {} rows", len(x_train))
         model.fit(x_train, y_train)
