@@ -151,7 +151,10 @@ class Container(containers.DeclarativeContainer):
     instance_type = _LayeredContainer
 
     # Wire the bundled jobs. Wire your own package with `container.wire(packages=["my_jobs"])`.
-    wiring_config = containers.WiringConfiguration(packages=["regression_model_template.jobs"])
+    # keep_cache: the methods already inspected are not inspected again when a job re-wires.
+    wiring_config = containers.WiringConfiguration(
+        packages=["regression_model_template.jobs"], keep_cache=True
+    )
 
     # -- configuration: sections `logger`, `alerts`, `mlflow`, `jobs` (see SECTIONS)
     config = providers.Configuration(strict=False)

@@ -259,3 +259,48 @@ def test_a_failing_job_logs_its_traceback_with_credentials_masked(
     assert SECRET not in log
     assert SECRET not in alerts_outbox[0].message
     assert service_container.mlflow_service().tracking_uri == tracking_uri
+
+
+def test_a_job_run_wires_its_module_without_inspecting_again_what_the_container_did(
+    service_container: Container,
+) -> None:
+    """Wiring inspects every function of a module (~25 ms for the jobs): once is enough.
+
+    The container wired the bundled jobs when it was built; running a job re-wires its module
+    (another container may have been wired since) from what was inspected then.
+    """
+    from dependency_injector import wiring
+
+    # dependency-injector's record of the functions it inspected (their signatures)
+    inspected = wiring._fetch_reference_injections.cache_info
+    wired: T.Any = service_container  # wired_to_packages/_modules: not in the container's stubs
+    packages = list(wired.wired_to_packages)
+    before = inspected()
+
+    result = jobs.run("training", service_container)
+
+    after = inspected()
+    assert result.model_version == "1"
+    assert before.currsize > 0  # the container kept what it inspected when it wired the jobs
+    assert (after.misses, after.currsize) == (before.misses, before.currsize)  # nothing new
+    assert wired.wired_to_packages == packages  # the job's module, not the package
+    assert wired.wired_to_modules[-1].__name__ == "regression_model_template.jobs.training"
+
+
+def test_the_job_modules_hold_no_service_class() -> None:
+    """Wiring a module inspects every method of every class it holds: none of the services'.
+
+    Theirs are most of the methods the bundled jobs' wiring would inspect (~2/3 of its time,
+    once per process); the jobs import them for their annotations only.
+    """
+    import importlib
+
+    from regression_model_template.io.services import Service
+
+    for target in jobs.JOBS.values():
+        module = importlib.import_module(target.split(":")[0])
+        held = [
+            n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Service)
+        ]
+
+        assert held == [], f"{module.__name__} holds {held}"

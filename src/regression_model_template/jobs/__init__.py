@@ -47,7 +47,8 @@ def run(name: str, container: Container) -> T.Any:
     module, function = JOBS[name].split(":")
     job = getattr(importlib.import_module(module), function)
     with lifespan(container):
-        container.wire(modules=[module])
+        # Only the job's module: wire() adds the container's own packages unless told otherwise.
+        container.wire(modules=[module], packages=[])
         try:
             return job()
         except BaseException as error:  # Ctrl-C and SIGTERM alert too; a clean exit does not

@@ -7,7 +7,6 @@ import typing as T
 from dependency_injector.wiring import Provide
 
 from regression_model_template.containers import Container, inject
-from regression_model_template.io.services import AlertsService, LoggerService, MlflowService
 from regression_model_template.jobs import JobsConfig
 from regression_model_template.jobs.data import (
     describe_metrics,
@@ -16,6 +15,9 @@ from regression_model_template.jobs.data import (
     load_split,
     regression_metrics,
 )
+
+if T.TYPE_CHECKING:  # annotations only: wiring inspects every class a job module holds (slow)
+    from regression_model_template.io.services import AlertsService, LoggerService, MlflowService
 
 
 class TrainingResult(T.NamedTuple):
@@ -52,7 +54,7 @@ def training(
 
     logger = logger_service.logger()
     registry_name = mlflow_service.registry_name
-    run_config = MlflowService.RunConfig(name="training", tags={"job": "training"})
+    run_config = mlflow_service.RunConfig(name="training", tags={"job": "training"})
     # Everything the run is about happens inside it: its run.log tells the whole story.
     with mlflow_service.run_context(run_config) as run:
         logger.info("Settings: {}", describe_settings(config))
