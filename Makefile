@@ -29,8 +29,13 @@ lint: $(STAMP)  ## ruff, mypy --strict, deptry (every imported module is a decla
 	$(BIN)/mypy
 	$(BIN)/deptry src
 
-test: lint  ## lint, type-check, then the whole test suite (server tests included)
-	$(BIN)/pytest
+# The day-to-day suite: everything but the tests marked slow (real servers, PostgreSQL, the
+# benchmarks), on parallel workers. worksteal hands each worker a run of neighbouring tests (a
+# module's shared fixtures are then built once or twice, not once per worker) and rebalances.
+QUICK_TESTS := -m "not slow" --numprocesses 4 --dist worksteal
+
+test: lint  ## lint, type-check, then the suite without the slow tests, on 4 workers (test-all runs all)
+	$(BIN)/pytest $(QUICK_TESTS)
 
 # pyenv's Python 3 installs go first on PATH, so that nox finds python3.11, python3.12, ... (not
 # pyenv's shims, which fail for a version that is not selected). nox skips a version that is not
@@ -38,7 +43,7 @@ test: lint  ## lint, type-check, then the whole test suite (server tests include
 PYENV_ROOT ?= $(or $(shell pyenv root 2>/dev/null),$(HOME)/.pyenv)
 PYENV_BINS = $(subst $(eval) ,:,$(wildcard $(PYENV_ROOT)/versions/3.*/bin))
 
-test-all: lint  ## lint once, then the suite on every supported Python present (3.11-3.13): CI runs this
+test-all: lint  ## lint once, then the whole suite (slow tests too) on every supported Python present (3.11-3.13): CI runs this
 	PATH="$(PYENV_BINS)$(if $(PYENV_BINS),:)$$PATH" $(BIN)/nox $(NOX_ARGS)
 
 # pdoc follows a package's __all__, which leaves out the modules of jobs/: name them too.

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import typing as T
 from pathlib import Path
 
 import psycopg
@@ -60,8 +61,15 @@ def assert_no_secret(*texts: str) -> None:
             assert form not in text
 
 
-def children(code: str, *argv_per_child: list[str]) -> list[subprocess.CompletedProcess[str]]:
-    """Run one ``python -c code`` per argument list, all at once; wait for all."""
+def children(
+    code: str,
+    *argv_per_child: list[str],
+    started: T.Callable[[list[subprocess.Popen[str]]], None] = lambda processes: None,
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run one ``python -c code`` per argument list, all at once; wait for all.
+
+    ``started`` gets the children once all are launched, before this waits for them.
+    """
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(code), *argv],
@@ -73,6 +81,13 @@ def children(code: str, *argv_per_child: list[str]) -> list[subprocess.Completed
         )
         for argv in argv_per_child
     ]
+    try:
+        started(processes)
+    except BaseException:
+        for process in processes:
+            process.kill()
+            process.communicate()
+        raise
     results = []
     for process, argv in zip(processes, argv_per_child, strict=True):
         stdout, stderr = process.communicate(timeout=600)
@@ -230,13 +245,35 @@ def test_eight_jobs_logging_twenty_thousand_values_each_at_once(
 
 START_TOGETHER = """
 import sys, time
-start_at = float(sys.argv[3])
+from pathlib import Path
+import mlflow  # imported before the start: what races is opening the database, not imports
 from regression_model_template.io.services import MlflowService
-time.sleep(max(0.0, start_at - time.time()))
-service = MlflowService(tracking_uri=sys.argv[1], spool_dir=sys.argv[2], autolog_disable=True)
+uri, spool_dir, ready, go = sys.argv[1:5]
+Path(ready).touch()
+waiting_since = time.monotonic()
+while not Path(go).exists():
+    if time.monotonic() - waiting_since > 600:
+        sys.exit("no start signal within 600 s")
+    time.sleep(0.001)
+service = MlflowService(tracking_uri=uri, spool_dir=spool_dir, autolog_disable=True)
 with service, service.run_context(MlflowService.RunConfig(name="racer", log_system_metrics=False)):
     service.log_metrics({"started": 1.0})
 """
+
+
+def release_together(
+    processes: list[subprocess.Popen[str]], ready: list[Path], go: Path, timeout: float = 240.0
+) -> None:
+    """Wait until every child has written its ``ready`` file, then start them all (``go``)."""
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in ready):
+        if any(process.poll() is not None for process in processes):
+            break  # a child died early: its exit code and output tell why
+        if time.monotonic() > deadline:
+            waiting = [path.name for path in ready if not path.exists()]
+            pytest.fail(f"children not ready within {timeout:g} s: {waiting}")
+        time.sleep(0.05)
+    go.touch()
 
 
 @pytest.mark.parametrize("store", ["postgresql", "sqlite"])
@@ -251,10 +288,14 @@ def test_eight_jobs_starting_together_on_an_empty_database_all_succeed(
         uri = create_database(server_uri(stack), f"empty_{time.time_ns()}")
     else:
         uri = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
-    start_at = time.time() + 8.0  # after every child has imported mlflow (~2-4 s each)
+    # every child imports first, then all start at one signal
+    ready = [tmp_path / f"ready{i}" for i in range(JOBS)]
+    go = tmp_path / "go"
 
     results = children(
-        START_TOGETHER, *[[uri, str(tmp_path / f"spool{i}"), str(start_at)] for i in range(JOBS)]
+        START_TOGETHER,
+        *[[uri, str(tmp_path / f"spool{i}"), str(ready[i]), str(go)] for i in range(JOBS)],
+        started=lambda processes: release_together(processes, ready, go),
     )
 
     for result in results:
