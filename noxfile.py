@@ -44,6 +44,9 @@ nox.options.default_venv_backend = "uv"
 # These machines reach no download site for Python builds: use the interpreters that are here.
 nox.options.download_python = "never"
 os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
+# Where Python may not cache bytecode as it goes, uv compiles it at install (see the Makefile).
+if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+    os.environ.setdefault("UV_COMPILE_BYTECODE", "1")
 nox.options.error_on_missing_interpreters = "CI" in os.environ
 
 
