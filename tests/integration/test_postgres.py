@@ -24,7 +24,7 @@ import pytest
 from regression_model_template.io.services import MlflowService, ServiceError
 from regression_model_template.io.team_server import TeamServer, create_database, postgres_cluster
 from regression_model_template.testing import clean_environ, free_port
-from tests.integration.conftest import postgres_folder, require_postgres
+from tests.integration.conftest import lines_until, postgres_folder, require_postgres
 from tests.integration.test_server import (
     MODEL_LINE,
     RUN_LINE,
@@ -327,14 +327,7 @@ def test_make_server_runs_a_job_and_ctrl_c_leaves_no_process(tmp_path: Path) -> 
         preexec_fn=ctrl_c_enabled,
     )  # fmt: skip
     try:
-        assert make.stdout is not None
-        lines = []
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = make.stdout.readline()
-            lines.append(line)
-            if not line or line.startswith("tracking server ready"):
-                break
+        lines = lines_until(make, "tracking server ready")
         assert lines[-1].startswith(f"tracking server ready: http://127.0.0.1:{port}"), lines
 
         training = run_cli(

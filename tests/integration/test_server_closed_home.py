@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from regression_model_template.io.team_server import (
     running,
 )
 from regression_model_template.testing import clean_environ, free_port
-from tests.integration.conftest import postgres_folder, require_postgres
+from tests.integration.conftest import lines_until, postgres_folder, require_postgres
 from tests.integration.test_postgres import ctrl_c_enabled
 from tests.integration.test_server import client_for
 
@@ -48,15 +47,7 @@ def start(project: Path, port: int) -> tuple[subprocess.Popen[str], str]:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=ctrl_c_enabled,
     )  # fmt: skip
-    assert command.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = command.stdout.readline()
-        lines.append(line)
-        if not line or line.startswith("Ctrl-C stops it"):
-            break
-    return command, "".join(lines)
+    return command, "".join(lines_until(command, "Ctrl-C stops it"))
 
 
 def stop(command: subprocess.Popen[str], how: signal.Signals) -> str:
