@@ -342,13 +342,11 @@ class AlertsService(Service):
             >>> AlertsService(enable=False).notify("Job failed", "ValueError", level="failure")
             [regression_model_template] FAILURE Job failed: ValueError
         """
-        deadline = time.monotonic() + self.max_wait
-        dispatcher = self._started_on_first_use()
+        dispatcher, wait = self._started_on_first_use()
         if level not in alert_channels.LEVELS:
             if dispatcher is not None:
                 dispatcher.warn("level", f"unknown alert level {level!r}: sent as info")
             level = "info"
-        wait = max(deadline - time.monotonic(), 0.0)
         try:  # never raise: no thread at interpreter shutdown, a closed stdout...
             if dispatcher is None or not dispatcher.send(title, message, level, wait):
                 tag = "" if level == "info" else f"{level.upper()} "
@@ -365,9 +363,7 @@ class AlertsService(Service):
             >>> AlertsService(enable=False).probe("check", "test alert")
             []
         """
-        deadline = time.monotonic() + self.max_wait
-        dispatcher = self._started_on_first_use()
-        wait = max(deadline - time.monotonic(), 0.0)
+        dispatcher, wait = self._started_on_first_use()
         return dispatcher.probe(title, message, level, wait) if dispatcher else []
 
     def stop(self) -> None:
@@ -379,13 +375,19 @@ class AlertsService(Service):
         self._stopped = True
         self._close()
 
-    def _started_on_first_use(self) -> alert_channels.Dispatcher | None:
-        """The channels; started here when an alert comes before ``start()``."""
+    def _started_on_first_use(self) -> tuple[alert_channels.Dispatcher | None, float]:
+        """The channels, and the seconds an alert may wait for them (``max_wait``).
+
+        When an alert comes before ``start()``, the channels are started here, and the time
+        that takes is taken out of the wait.
+        """
         if self._dispatcher is None and self.enable and not self._stopped:
+            began = time.monotonic()
             with self._opening:  # two threads alerting at once start the channels once
                 if self._dispatcher is None and not self._stopped:
                     self.start()
-        return self._dispatcher
+            return self._dispatcher, max(self.max_wait - (time.monotonic() - began), 0.0)
+        return self._dispatcher, self.max_wait
 
     def _close(self) -> None:
         dispatcher, self._dispatcher = self._dispatcher, None
