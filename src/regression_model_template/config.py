@@ -195,9 +195,8 @@ def profile_folders() -> list[Path]:
         >>> sorted(profile.name for profile in bundled.glob("*.yaml"))
         ['local.yaml', 'server.yaml']
     """
-    bundled = resources.files(BUNDLED_PROFILES).joinpath("local.yaml")
-    # An installed package's data is a file on disk; a profile is read as a Path from there.
-    return [Path("containers"), Path(str(bundled)).parent]
+    # A regular package installed on disk (wheel or editable): its folder is a plain path.
+    return [Path("containers"), Path(str(resources.files(BUNDLED_PROFILES)))]
 
 
 def load_profile(path: Path, environ: T.Mapping[str, str]) -> Tree:
