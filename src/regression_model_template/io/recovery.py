@@ -53,6 +53,8 @@ class Recovered(T.NamedTuple):
         damage: what could not be read (a line cut by the kill), if anything.
         folder: the run's spool folder.
         log_bytes: the size of the run's log uploaded as ``run.log`` (None: none uploaded).
+        cut: the size of a last record cut by the kill, dropped (0: none). Its ``log_metrics``
+            call had not returned: no value it promised is lost.
     """
 
     run_id: str
@@ -62,6 +64,7 @@ class Recovered(T.NamedTuple):
     damage: tuple[str, ...]
     folder: Path
     log_bytes: int | None = None
+    cut: int = 0
 
     def summary(self) -> str:
         """One line for a person."""
@@ -70,6 +73,11 @@ class Recovered(T.NamedTuple):
         text += f", ended {self.status}" if self.status else ""
         text += f"; still waiting in {self.folder}: {self.waiting}" if self.waiting else ""
         text += "".join(f"; damaged spool, {item}" for item in self.damage)
+        if self.cut:
+            text += (
+                f"; the record being written when the process died was cut ({self.cut} bytes, "
+                "its call had not returned): dropped"
+            )
         return text
 
 
@@ -99,10 +107,11 @@ def recover(
 def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], str]) -> Recovered:
     run_id, status, sent = folder.name, "KILLED", 0
     damage: list[str] = []
+    cut: list[int] = []
     offset = _spool.read_sent(folder)
     log_bytes = None
     try:
-        while (batch := _spool.read_batch(folder, offset, damage=damage)).end > offset:
+        while (batch := _spool.read_batch(folder, offset, damage=damage, cut=cut)).end > offset:
             write_batch(client, run_id, batch)
             _spool.write_sent(folder, batch.end)
             offset, sent, status = batch.end, sent + batch.values, batch.status or status
@@ -114,7 +123,25 @@ def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], s
             status = run.info.status  # it had ended already: keep what the store says
     except Exception as exc:
         cause = redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
-        return Recovered(run_id, sent, None, cause, tuple(dict.fromkeys(damage)), folder, log_bytes)
+        return Recovered(
+            run_id,
+            sent,
+            None,
+            cause,
+            tuple(dict.fromkeys(damage)),
+            folder,
+            log_bytes,
+            max(cut, default=0),
+        )
     shutil.rmtree(folder, ignore_errors=True)
     # the damage is met again by the read that finds nothing more: report it once
-    return Recovered(run_id, sent, status, None, tuple(dict.fromkeys(damage)), folder, log_bytes)
+    return Recovered(
+        run_id,
+        sent,
+        status,
+        None,
+        tuple(dict.fromkeys(damage)),
+        folder,
+        log_bytes,
+        max(cut, default=0),
+    )

@@ -10,7 +10,11 @@ One folder per run, readable by the user only::
         lock          locked (``fcntl.flock``) by the process that owns the run
 
 A record is written with one ``os.write`` on a file opened with ``O_APPEND``: once the call
-returns the data is the kernel's, and killing the process cannot lose it. The kernel drops the
+returns the data is the kernel's, and killing the process cannot lose it. A write is not atomic
+against SIGKILL, though: the kernel copies page by page and stops at a page boundary, so the kill
+can leave the record in progress cut (its call had not returned). Reading stops there, and
+recovery drops those bytes and says so. A write the disk cannot hold whole is taken back and
+raises: a cut record is never followed by another. The kernel drops the
 lock when the process dies, however it dies: a spool whose lock can be taken belongs to nobody
 and can be recovered (:func:`.recovery.recover`); a locked one is never touched.
 
@@ -27,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -74,8 +79,15 @@ class RunSpool:
         self._lock_fd = lock_fd
         self._values_fd = values_fd
         self._guard = threading.Lock()
-        self.written = os.fstat(values_fd).st_size  # bytes appended so far
+        self._closed_at: int | None = None  # the size when closed
         self.sent = read_sent(folder)  # bytes the store has acknowledged
+
+    @property
+    def written(self) -> int:
+        """Bytes appended so far: the file's size, so no signal can put it out of step."""
+        if self._closed_at is not None:
+            return self._closed_at
+        return os.fstat(self._values_fd).st_size
 
     @classmethod
     def create(cls, spool_dir: Path, run_id: str, store: str) -> RunSpool:
@@ -99,12 +111,20 @@ class RunSpool:
         return cls(folder, lock_fd, values_fd)
 
     def append(self, record: T.Mapping[str, T.Any]) -> int:
-        """Append one record; return the spool's size in bytes once it is the kernel's."""
+        """Append one record; return the spool's size in bytes once it is the kernel's.
+
+        Raises:
+            OSError: the record could not be written whole (a full disk: ``ENOSPC``); the
+                spool is as it was before the call.
+        """
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         with self._guard:
-            os.write(self._values_fd, line)
-            self.written += len(line)
-            return self.written
+            done = os.write(self._values_fd, line)
+            if done < len(line):  # the disk took part of it: take that back
+                size = os.fstat(self._values_fd).st_size
+                os.ftruncate(self._values_fd, size - done)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.folder / VALUES))
+            return os.fstat(self._values_fd).st_size
 
     def mark_sent(self, offset: int) -> None:
         """Record that the store has acknowledged the first ``offset`` bytes."""
@@ -113,6 +133,12 @@ class RunSpool:
 
     def close(self, remove: bool) -> None:
         """Release the run (``remove``: everything was sent and the run ended; delete it)."""
+        if self._closed_at is not None:
+            return  # closed already: its descriptors' numbers may be another file's by now
+        try:
+            self._closed_at = os.fstat(self._values_fd).st_size
+        except OSError:
+            self._closed_at = 0
         if remove:
             shutil.rmtree(self.folder, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -135,12 +161,13 @@ def write_sent(folder: Path, offset: int) -> None:
 
 
 def read_records(
-    folder: Path, offset: int, damage: list[str] | None = None
+    folder: Path, offset: int, damage: list[str] | None = None, cut: list[int] | None = None
 ) -> T.Iterator[tuple[int, dict[str, T.Any]]]:
     """Yield ``(end offset, record)`` for each whole record after ``offset``.
 
-    A line that is cut (the process was killed while writing it) or not a record stops the
-    reading there; its description goes to ``damage`` when given.
+    A line that is not a record stops the reading there; its description goes to ``damage``
+    when given. So does a last line without its end (a write in progress, or cut by a kill):
+    its size goes to ``cut`` when given.
     """
     path = folder / VALUES
     try:
@@ -151,9 +178,9 @@ def read_records(
         handle.seek(offset)
         position = offset
         for line in handle:
-            if not line.endswith(b"\n"):
-                if damage is not None:
-                    damage.append(f"{len(line)} bytes cut at offset {position} of {path}")
+            if not line.endswith(b"\n"):  # only ever the last line
+                if cut is not None:
+                    cut.append(len(line))
                 return
             try:
                 record = json.loads(line)
@@ -211,6 +238,7 @@ def read_batch(
     until: int | None = None,
     damage: list[str] | None = None,
     limit: int = 1000,
+    cut: list[int] | None = None,
 ) -> Batch:
     """Read whole records after ``offset`` (up to ``until``) until ``limit`` metrics or params.
 
@@ -224,7 +252,7 @@ def read_batch(
     metrics: list[list[T.Any]] = []
     params: list[list[str]] = []
     end, status = offset, None
-    for position, record in read_records(folder, offset, damage):
+    for position, record in read_records(folder, offset, damage, cut):
         if until is not None and position > until:
             break
         metrics.extend(record.get("m", ()))
