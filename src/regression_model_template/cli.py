@@ -242,7 +242,7 @@ def _check(container: Container, send_alert: bool = False) -> int:
 
 
 def _recover(container: Container) -> int:
-    """Send the spooled values of dead processes; exit 1 when something is still waiting."""
+    """Send the spooled values of dead processes; exit 1 when some are waiting or refused."""
     from regression_model_template.io.services import ServiceError
 
     service = container.mlflow_service()
@@ -255,7 +255,7 @@ def _recover(container: Container) -> int:
         print(report.summary())
     if not reports:
         print("nothing to recover for this store")
-    return 1 if any(report.waiting for report in reports) else 0
+    return 1 if any(report.waiting or report.refused for report in reports) else 0
 
 
 def _check_logger(service: T.Any) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from regression_model_template.io.batching import BatchWriter, WriteError
+from regression_model_template.io.batching import BatchWriter
 from regression_model_template.io.services import MlflowService, ServiceError
 from tests.conftest import LogCapture, Receiver
 
@@ -127,49 +127,6 @@ def test_memory_stays_bounded_however_long_the_backlog(mlflow_store: str, tmp_pa
 
     assert most <= 1000 + 4
     assert len(client.get_metric_history(run_id, "e")) == 1500
-
-
-def test_a_failing_write_is_retried_then_reported(mlflow_store: str, tmp_path: Path) -> None:
-    client = MlflowClient(mlflow_store)
-    writer = BatchWriter(client, tmp_path, retries=2, backoff=0.01)
-
-    writer.log_metrics("no-such-run", {"loss": 1.0})
-    with pytest.raises(WriteError, match=r"1 values could not be written .* after 3 attempts"):
-        writer.flush()
-    with pytest.raises(WriteError):  # and every later call says so: nothing is dropped silently
-        writer.log_metrics("no-such-run", {"loss": 2.0})
-
-
-def test_a_transient_failure_is_retried_and_nothing_is_lost(
-    mlflow_store: str, tmp_path: Path
-) -> None:
-    client = MlflowClient(mlflow_store)
-    run_id = client.create_run(client.create_experiment("transient")).info.run_id
-    client.delete_run(run_id)  # writes to a deleted run fail ...
-    writer = BatchWriter(client, tmp_path, retries=3, backoff=2.0)
-    writer.log_metrics(run_id, {"loss": 1.0})
-    flushing = threading.Thread(target=writer.flush)  # first attempt now, retry after 2 s
-    flushing.start()
-    time.sleep(0.3)
-    client.restore_run(run_id)  # ... until the run is back, before the first retry
-    flushing.join()
-
-    writer.close()
-
-    assert _history(client, run_id, "loss") == [(0, 1.0)]
-
-
-def test_a_write_failure_inside_run_context_fails_the_run(mlflow_store: str) -> None:
-    service = MlflowService(tracking_uri=mlflow_store, autolog_disable=True, write_retries=1)
-    with (
-        service,
-        pytest.raises(ServiceError, match=r"2 values could not be written .* after 2 attempts"),
-        service.run_context(RunConfig(name="lost", log_system_metrics=False)) as run,
-    ):
-        service.log_params({"alpha": 1})
-        service.log_params({"alpha": 2})  # MLflow refuses to change a parameter
-
-    assert _status(service.client(), run.info.run_id) == "FAILED"
 
 
 _CHILD = """

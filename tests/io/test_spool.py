@@ -296,23 +296,6 @@ def test_stop_with_everything_sent_leaves_no_spool_folder(
     assert _entries(spool_dir) == []
 
 
-def test_values_the_store_refuses_leave_no_spool_folder(tmp_path: Path, mlflow_store: str) -> None:
-    # given a run whose second value for a parameter the store refuses (FAILED: test_batching)
-    spool_dir = tmp_path / "spool"
-    service = _service(mlflow_store, spool_dir, write_retries=1)
-    with service:
-        with (
-            pytest.raises(ServiceError, match="could not be written"),
-            service.run_context(RunConfig(name="refused", log_system_metrics=False)) as run,
-        ):
-            service.log_params({"alpha": 1})
-            service.log_params({"alpha": 2})
-        # then the caller was told, and nothing is left for recovery to retry for ever
-        assert _entries(spool_dir) == []
-    assert _status(service.client(), run.info.run_id) == "FAILED"
-    assert _entries(spool_dir) == []
-
-
 # %% two processes sharing one spool folder
 
 

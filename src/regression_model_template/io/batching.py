@@ -13,8 +13,10 @@ acknowledged. Memory holds at most ``uploads`` batches, however long the backlog
   it is back.
 - A tracking server with several workers takes ``uploads`` batches at once (calls in
   parallel); a database store is written by one call at a time.
-- Values the store *refuses* (a changed parameter, a deleted run) are retried ``retries`` times,
-  then every later call raises :class:`WriteError`; they stay in the spool.
+- Values the store *refuses* (a changed parameter, a deleted run) cost only themselves: they are
+  found (:func:`.uploads.deliver`), tried again ``retries`` times, then set aside in
+  ``<spool_dir>/refused/<run>.jsonl`` and warned about; every other value is written. The run's
+  owner reports them when the run ends (:meth:`BatchWriter.refusals`).
 
 ``MlflowService`` owns one writer between ``start()`` and ``stop()``; use it through
 ``MlflowService.log_metrics`` / ``log_params``.
@@ -33,13 +35,13 @@ from pathlib import Path
 from loguru import logger
 
 from regression_model_template.io.errors import ServiceError
-from regression_model_template.io.masking import RedactedError
-from regression_model_template.io.spool import Batch, RunSpool, read_batch
+from regression_model_template.io.spool import Batch, RunSpool, read_batch, set_aside
 from regression_model_template.io.uploads import (
     MAX_METRICS_PER_BATCH,
+    Refusal,
     Uploaders,
-    batch_calls,
-    is_refusal,
+    deliver,
+    describe_refusals,
 )
 
 if T.TYPE_CHECKING:
@@ -77,7 +79,7 @@ class BatchWriter:
         spool_dir: where each run's spool folder goes.
         store: the tracking store, credentials masked (recorded in each spool).
         interval: seconds a value may wait before it is written.
-        retries: retries of a batch the store refuses, before giving up.
+        retries: retries of a value the store refuses, before it is set aside.
         backoff: pause before the first retry, in seconds (doubled each time, up to
             ``max_backoff``).
         max_backoff: the longest pause between two attempts while the store is unreachable.
@@ -142,8 +144,7 @@ class BatchWriter:
         self._kick = False  # a batch's worth is waiting: write now
         self._closed = False  # no more values
         self._abandoned = False  # closed with values the store did not take: leave them
-        self._error: WriteError | None = None
-        self._reported = False  # the error has reached a caller: close() need not repeat it
+        self._refused: dict[str, _Refused] = {}  # per run: what the store refused for good
         self._unreachable: str | None = None  # why the store cannot be reached, while it cannot
         self._sending_since: float | None = None  # when the write in progress began
         self._thread = threading.Thread(target=self._run, name="mlflow-batch-writer", daemon=True)
@@ -202,9 +203,11 @@ class BatchWriter:
     def flush(self, timeout: float | None = None) -> None:
         """Write everything spooled so far; return when the store has acknowledged it.
 
+        Values the store refused are not waited for: see :meth:`refusals`.
+
         Raises:
-            WriteError: the store refused values, or ``timeout`` passed first (the values are
-                still in the spool).
+            StoreUnreachable: ``timeout`` passed first (the values are still in the spool).
+            WriteError: the writer stopped (the values are still in the spool).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
@@ -214,8 +217,6 @@ class BatchWriter:
             while any(
                 self._spools[r].sent < end for r, end in targets.items() if r in self._spools
             ):
-                if self._error is not None:
-                    raise self._failure()
                 if not self._thread.is_alive():
                     raise WriteError(f"{self._waiting()} values not written: writer stopped")
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -225,8 +226,15 @@ class BatchWriter:
                         f"{self._waiting()} values not written within {timeout:g} s{cause}"
                     )
                 self._lock.wait(min(remaining, 1.0) if remaining is not None else 1.0)
-            if self._error is not None:
-                raise self._failure()
+
+    def refusals(self, run_id: str) -> str | None:
+        """What the store refused of ``run_id``'s values so far, in a sentence (None: nothing).
+
+        Those values are set aside; the run's other values are written.
+        """
+        with self._lock:
+            refused = self._refused.get(run_id)
+        return None if refused is None else self._redact(refused.describe())
 
     def finish_run(self, run_id: str, keep: bool = False, discard: bool = False) -> Path | None:
         """Release the run's spool: deleted when the store has it all, else kept for ``recover``.
@@ -238,6 +246,7 @@ class BatchWriter:
         with self._lock:
             spool = self._spools.pop(run_id, None)
             self._owned.discard(run_id)
+            self._refused.pop(run_id, None)  # its owner has reported them
         if spool is None:
             return None
         remove = discard or (spool.sent >= spool.written and not keep)
@@ -248,12 +257,17 @@ class BatchWriter:
         """Flush, stop the background thread, release the spools. Closing twice is harmless.
 
         Raises:
-            WriteError: values could not be written (they stay in the spool), unless a caller
-                was already told.
+            WriteError: values could not be written (they stay in the spool), or the store
+                refused values of runs nobody else reports (they are set aside).
         """
         try:
-            if not self._closed and not self._reported:
+            if not self._closed:
                 self.flush(timeout)
+                with self._lock:
+                    unowned = [r for r in self._refused.items() if r[0] not in self._owned]
+                if unowned:
+                    described = (f"run {run}: {refused.describe()}" for run, refused in unowned)
+                    raise WriteError(self._redact("; ".join(described)))
         finally:
             with self._lock:
                 self._closed = self._abandoned = True  # what is left stays in the spool
@@ -280,9 +294,6 @@ class BatchWriter:
         spool = self._spools.get(run_id) or self.open_run(run_id, owned=False)
         if self._closed:
             raise WriteError("the metric writer is closed: log inside a started MlflowService")
-        if self._error is not None:
-            with self._lock:
-                raise self._failure()
         spool.append(record)
         with self._lock:
             self._queued += count
@@ -292,11 +303,6 @@ class BatchWriter:
 
     def _waiting(self) -> int:
         return self._queued - self._written
-
-    def _failure(self) -> WriteError:
-        assert self._error is not None
-        self._reported = True
-        return self._error
 
     # -- writer side
 
@@ -318,11 +324,6 @@ class BatchWriter:
             try:
                 for spool in spools:
                     self._ship(spool)
-            except WriteError as error:
-                with self._lock:
-                    self._error = error
-                    self._lock.notify_all()
-                return
             except _Abandoned:
                 return
 
@@ -341,7 +342,9 @@ class BatchWriter:
                 return
             with self._lock:
                 self._held = batch.values
-            self._send(spool, batch)
+            refusals = self._send(spool, batch)
+            if refusals:
+                self._set_aside(spool.run_id, refusals)
             try:
                 spool.mark_sent(batch.end)
             except OSError:  # released and removed meanwhile (recovered elsewhere): done
@@ -351,18 +354,14 @@ class BatchWriter:
                 self._written += batch.values
                 self._lock.notify_all()
 
-    def _send(self, spool: RunSpool, batch: Batch) -> None:
-        pause, refusals = self._backoff, 0
-        while (error := self._attempt(spool.run_id, batch)) is not None:
-            cause = self._redact(f"{type(error).__name__}: {error}").splitlines()[0]
-            if is_refusal(error):
-                refusals += 1
-                if refusals > self._retries:
-                    raise WriteError(
-                        f"{batch.values} values could not be written to run {spool.run_id} "
-                        f"after {refusals} attempts: {cause} (kept in {spool.folder})"
-                    ) from RedactedError(cause)
-            else:
+    def _send(self, spool: RunSpool, batch: Batch) -> list[Refusal]:
+        """Write ``batch``, for as long as it takes; return what the store refused for good."""
+        pause = self._backoff
+
+        def wait(error: Exception, refused: bool) -> None:
+            nonlocal pause
+            if not refused:
+                cause = self._redact(f"{type(error).__name__}: {error}").splitlines()[0]
                 self._note_unreachable(cause)
             with self._lock:
                 if not self._abandoned:
@@ -370,24 +369,41 @@ class BatchWriter:
                 if self._abandoned:
                     raise _Abandoned()
             pause = min(pause * 2, self._max_backoff)
+
+        refusals = deliver(self._client, spool.run_id, batch, wait, self._retries, self._attempt)
         with self._lock:
             was, self._unreachable = self._unreachable, None
         if was is not None:
             logger.info("The tracking store is reachable again: sending the spooled values")
+        return refusals
 
-    def _attempt(self, run_id: str, batch: Batch) -> Exception | None:
-        """Write ``batch`` once, timed by the watch thread; the error, or None."""
+    def _set_aside(self, run_id: str, refusals: list[Refusal]) -> None:
+        """Keep what the store refused out of the run's spool; warn now, report at the end."""
+        try:
+            where: object = set_aside(
+                self.spool_dir, run_id, ({"row": r.row, "reason": r.reason} for r in refusals)
+            )
+        except OSError as exc:
+            where = f"nowhere ({exc})"
+        with self._lock:
+            refused = self._refused.setdefault(run_id, _Refused())
+            refused.add(refusals, where)
+        logger.warning(
+            "The tracking store refused values of run {}; its other values are written: {}",
+            run_id,
+            self._redact(describe_refusals(refusals, where)),
+        )
+
+    def _attempt(self, calls: T.Sequence[T.Callable[[], T.Any]]) -> list[Exception | None]:
+        """Run one round of ``log_batch`` calls, timed by the watch thread; each one's error."""
         with self._lock:
             self._sending_since = time.monotonic()
             self._lock.notify_all()
         try:
-            self._uploads.run(batch_calls(self._client, run_id, batch))
-        except Exception as exc:
-            return exc
+            return self._uploads.run(calls)
         finally:
             with self._lock:
                 self._sending_since = None
-        return None
 
     def _watch_slow(self) -> None:
         """Warn when a write does not return within ``slow_after``.
@@ -427,6 +443,25 @@ class BatchWriter:
             waiting,
             self.spool_dir,
         )
+
+
+class _Refused:
+    """What the store refused of one run: how many values, the first few, where they went."""
+
+    KEPT = 100  # examples kept in memory: a run the store stopped taking refuses everything
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.examples: list[Refusal] = []
+        self.where: object = ""
+
+    def add(self, refusals: list[Refusal], where: object) -> None:
+        self.count += len(refusals)
+        self.examples += refusals[: self.KEPT - len(self.examples)]
+        self.where = where
+
+    def describe(self) -> str:
+        return describe_refusals(self.examples, self.where, total=self.count)
 
 
 class _Abandoned(Exception):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from regression_model_template.io import run_logs
 from regression_model_template.io import spool as _spool
-from regression_model_template.io.uploads import write_batch
+from regression_model_template.io.uploads import Refusal, deliver, describe_refusals
 
 if T.TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -55,6 +55,8 @@ class Recovered(T.NamedTuple):
         log_bytes: the size of the run's log uploaded as ``run.log`` (None: none uploaded).
         cut: the size of a last record cut by the kill, dropped (0: none). Its ``log_metrics``
             call had not returned: no value it promised is lost.
+        refused: what the store refused for good, set aside (None: nothing). A run that had
+            ended FINISHED then ends FAILED, as it would have in the job.
     """
 
     run_id: str
@@ -65,6 +67,7 @@ class Recovered(T.NamedTuple):
     folder: Path
     log_bytes: int | None = None
     cut: int = 0
+    refused: str | None = None
 
     def summary(self) -> str:
         """One line for a person."""
@@ -72,6 +75,7 @@ class Recovered(T.NamedTuple):
         text += f", its log uploaded ({self.log_bytes:,} bytes)" if self.log_bytes else ""
         text += f", ended {self.status}" if self.status else ""
         text += f"; still waiting in {self.folder}: {self.waiting}" if self.waiting else ""
+        text += f"; {self.refused}" if self.refused else ""
         text += "".join(f"; damaged spool, {item}" for item in self.damage)
         if self.cut:
             text += (
@@ -108,40 +112,48 @@ def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], s
     run_id, status, sent = folder.name, "KILLED", 0
     damage: list[str] = []
     cut: list[int] = []
+    refused: list[Refusal] = []
     offset = _spool.read_sent(folder)
     log_bytes = None
-    try:
-        while (batch := _spool.read_batch(folder, offset, damage=damage, cut=cut)).end > offset:
-            write_batch(client, run_id, batch)
-            _spool.write_sent(folder, batch.end)
-            offset, sent, status = batch.end, sent + batch.values, batch.status or status
-        log_bytes = run_logs.upload(client, run_id, folder)
-        run = client.get_run(run_id)
-        if run.info.status in ("RUNNING", "SCHEDULED"):
-            client.set_terminated(run_id, status)
-        else:
-            status = run.info.status  # it had ended already: keep what the store says
-    except Exception as exc:
-        cause = redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
+
+    def report(status: str | None, waiting: str | None) -> Recovered:
+        # the damage is met again by the read that finds nothing more: report it once
+        where = folder.parent / _spool.REFUSED / f"{run_id}.jsonl"
         return Recovered(
             run_id,
             sent,
-            None,
-            cause,
+            status,
+            waiting,
             tuple(dict.fromkeys(damage)),
             folder,
             log_bytes,
             max(cut, default=0),
+            redact(describe_refusals(refused, where)) if refused else None,
         )
+
+    try:
+        while (batch := _spool.read_batch(folder, offset, damage=damage, cut=cut)).end > offset:
+            refusals = deliver(client, run_id, batch, wait=_give_up)
+            if refusals:
+                rows = ({"row": r.row, "reason": r.reason} for r in refusals)
+                _spool.set_aside(folder.parent, run_id, rows)
+                refused += refusals
+            _spool.write_sent(folder, batch.end)
+            sent += batch.values - len(refusals)
+            offset, status = batch.end, batch.status or status
+        log_bytes = run_logs.upload(client, run_id, folder)
+        run = client.get_run(run_id)
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            status = "FAILED" if refused and status == "FINISHED" else status
+            client.set_terminated(run_id, status)
+        else:
+            status = run.info.status  # it had ended already: keep what the store says
+    except Exception as exc:
+        return report(None, redact(f"{type(exc).__name__}: {exc}").splitlines()[0])
     shutil.rmtree(folder, ignore_errors=True)
-    # the damage is met again by the read that finds nothing more: report it once
-    return Recovered(
-        run_id,
-        sent,
-        status,
-        None,
-        tuple(dict.fromkeys(damage)),
-        folder,
-        log_bytes,
-        max(cut, default=0),
-    )
+    return report(status, None)
+
+
+def _give_up(error: Exception, refused: bool) -> None:
+    """Recovery does not wait for a store that cannot be reached: the values stay spooled."""
+    raise error

@@ -50,6 +50,7 @@ __all__ = [
     "read_records",
     "read_sent",
     "run_info",
+    "set_aside",
     "spooled_runs",
     "write_sent",
 ]
@@ -58,6 +59,7 @@ VALUES = "values.jsonl"
 SENT = "sent"
 RUN = "run.json"
 LOCK = "lock"
+REFUSED = "refused"  # beside the run folders: values the store refused for good
 
 
 def default_spool_dir() -> Path:
@@ -299,6 +301,23 @@ def run_info(folder: Path) -> dict[str, T.Any]:
     except (OSError, ValueError):
         return {}
     return info if isinstance(info, dict) else {}
+
+
+def set_aside(spool_dir: Path, run_id: str, rows: T.Iterable[T.Mapping[str, T.Any]]) -> Path:
+    """Append values the store refused for good to ``<spool_dir>/refused/<run_id>.jsonl``.
+
+    Out of the run's folder: recovery never sends them again, and they outlive the run's spool
+    for the person who reads the error (one JSON object a line, the row and the reason).
+    """
+    folder = spool_dir / REFUSED
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / f"{run_id}.jsonl"
+    fd = _open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, b"".join(json.dumps(row).encode() + b"\n" for row in rows))
+    finally:
+        os.close(fd)
+    return path
 
 
 def _open(path: Path, flags: int) -> int:

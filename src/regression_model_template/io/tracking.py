@@ -27,7 +27,7 @@ import typing as T
 from loguru import logger
 
 from regression_model_template.io import run_logs, stores
-from regression_model_template.io.batching import StoreUnreachable
+from regression_model_template.io.batching import StoreUnreachable, WriteError
 from regression_model_template.io.errors import ServiceError
 
 if T.TYPE_CHECKING:
@@ -226,12 +226,8 @@ class TrackingSession:
                 ) from exc
         run_logs.router.open(run_id, log, options.style)
 
-    def _upload_log(self, run_id: str, kept: bool = True) -> bool:
-        """Upload the run's log from its spool folder; False: it stays there, for ``recover``.
-
-        ``kept``: False when the spool folder is deleted next (the store refused the run's
-        values, and the caller was told): the warning says the log is lost.
-        """
+    def _upload_log(self, run_id: str) -> bool:
+        """Upload the run's log from its spool folder; False: it stays there, for ``recover``."""
         if self._client is None:
             return True
         folder = self.writer.spool_dir / run_id
@@ -239,11 +235,7 @@ class TrackingSession:
             run_logs.upload(self._client, run_id, folder)
         except Exception as exc:
             cause = self._redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
-            fate = (
-                f"it waits in {folder}; `regression-model-template recover` uploads it"
-                if kept
-                else f"the store refused the run's values, and its spool {folder} goes with them"
-            )
+            fate = f"it waits in {folder}; `regression-model-template recover` uploads it"
             logger.warning("The log of run {} was not uploaded ({}): {}", run_id, cause, fate)
             return False
         return True
@@ -300,8 +292,9 @@ class TrackingSession:
     def _finish(self, run_id: str, status: str, error: BaseException | None) -> None:
         """Record the end, write the run's values, then end it in the store.
 
-        A value the store refuses makes the run FAILED. A store that does not take the values
-        within ``end_timeout`` leaves them and the status in the spool, for ``recover``.
+        A value the store refused (set aside; the others are written) makes the run FAILED and
+        is reported. A store that does not take the values within ``end_timeout`` leaves them
+        and the status in the spool, for ``recover``.
         """
         if run_id not in self._open:
             return  # close() inside the block already ended it
@@ -322,12 +315,15 @@ class TrackingSession:
                 f"and the status wait in {folder}: send them with "
                 "`regression-model-template recover`",
             )
-        except ServiceError as refused:  # the store refused values: the caller is told here
-            self._upload_log(run_id, kept=False)  # the store answers: the log still helps
+        except ServiceError as stopped:  # the writer stopped: what is left stays in the spool
             self._end(run_id, "FAILED" if status == "FINISHED" else status)
-            self.writer.finish_run(run_id, discard=True)
-            problem = refused
+            self.writer.finish_run(run_id, keep=True)
+            problem = stopped
         else:
+            refused = self.writer.refusals(run_id)
+            if refused is not None:
+                status = "FAILED" if status == "FINISHED" else status
+                problem = WriteError(f"run {run_id} ended {status}: {refused}")
             ended = uploaded = False
             try:  # the log before the end: a FINISHED run has its log
                 uploaded = self._upload_log(run_id)

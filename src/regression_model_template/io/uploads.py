@@ -1,9 +1,36 @@
-"""Writing spooled values to the store: ``log_batch`` calls within MLflow's limits, in parallel.
+"""Writing spooled values to the store: within MLflow's limits, in parallel, refusals set aside.
 
-A batch read from a run's spool becomes one ``log_batch`` call per 1,000 metrics (100 params).
-The calls can run in any order or at once (a SQL store ignores a value it already has), which
-is what lets a tracking server with several workers take a backlog faster: :class:`Uploaders`
-runs them ``size`` at a time.
+A batch read from a run's spool becomes chunks of at most 1,000 metrics (100 params), one
+``log_batch`` call each (:func:`chunks`). The calls can run in any order or at once (a SQL
+store ignores a value it already has), which is what lets a tracking server with several
+workers take a backlog faster: :class:`Uploaders` runs them ``size`` at a time.
+
+:func:`deliver` sends a batch so that a store's refusal costs only the values refused:
+
+- a chunk the store cannot be reached for is sent again after a pause (only that chunk: the
+  others were stored), for as long as the caller's ``wait`` lets it;
+- a chunk refused for its values (a changed parameter, a name the store will not take) is split
+  in halves, down to the single value the store refuses;
+- a value, or a chunk of a run the store will not write to (deleted, or ended), is tried again
+  ``retries`` times, then set aside: a :class:`Refusal` names it and the store's reason.
+
+Credentials refused (HTTP 401/403) are not a refusal of the values: they are the store not
+being reachable for now, and the values wait in the spool.
+
+Example:
+    >>> import tempfile
+    >>> from mlflow.tracking import MlflowClient
+    >>> from regression_model_template.io.spool import Batch
+    >>> client = MlflowClient(f"sqlite:///{tempfile.mkdtemp()}/m.db")
+    >>> run_id = client.create_run("0").info.run_id
+    >>> _ = client.log_param(run_id, "alpha", "1")
+    >>> batch = Batch([["loss", 0.5, 1, 0]], [["alpha", "2"], ["beta", "3"]], 0, None)
+    >>> def stop(error: Exception, refused: bool) -> None:
+    ...     raise error
+    >>> [(r.key, r.code) for r in deliver(client, run_id, batch, wait=stop)]
+    [('alpha', 'INVALID_PARAMETER_VALUE')]
+    >>> sorted(client.get_run(run_id).data.params.items())
+    [('alpha', '1'), ('beta', '3')]
 """
 
 from __future__ import annotations
@@ -21,59 +48,180 @@ if T.TYPE_CHECKING:
 __all__ = [
     "MAX_METRICS_PER_BATCH",
     "MAX_PARAMS_PER_BATCH",
+    "Chunk",
+    "Refusal",
     "Uploaders",
-    "batch_calls",
+    "chunks",
+    "deliver",
+    "describe_refusals",
     "is_refusal",
-    "write_batch",
 ]
 
 # MLflow's limits for one log_batch call.
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 
-# Errors by which a store refuses the values themselves: sending them again cannot help.
-_REFUSALS = frozenset(
-    {
-        "BAD_REQUEST",
-        "INVALID_PARAMETER_VALUE",
-        "INVALID_STATE",
-        "PERMISSION_DENIED",
-        "RESOURCE_DOES_NOT_EXIST",
-        "UNAUTHENTICATED",
-    }
-)
+# Errors by which a store refuses some of the values themselves: split the call to find them.
+_VALUES_REFUSED = frozenset({"BAD_REQUEST", "INVALID_PARAMETER_VALUE"})
+# Errors by which it refuses the run (deleted, ended): every value of the call, as it stands.
+_RUN_REFUSED = frozenset({"INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"})
 
 
 def is_refusal(error: BaseException) -> bool:
-    """Whether ``error`` is the store refusing the values (not the store being unreachable)."""
-    return getattr(error, "error_code", None) in _REFUSALS
+    """Whether ``error`` is the store refusing values (not unreachable, not credentials).
 
-
-def write_batch(client: MlflowClient, run_id: str, batch: Batch) -> None:
-    """Write a spool batch with ``log_batch``, within MLflow's limits per call."""
-    for call in batch_calls(client, run_id, batch):
-        call()
-
-
-def batch_calls(
-    client: MlflowClient, run_id: str, batch: Batch
-) -> T.Sequence[T.Callable[[], T.Any]]:
-    """The ``log_batch`` calls that write ``batch``, each within MLflow's limits per call.
-
-    They can run in any order, or at once: a SQL store ignores a value it already has.
+    Example:
+        >>> from mlflow.exceptions import MlflowException
+        >>> from mlflow.protos import databricks_pb2 as codes
+        >>> is_refusal(MlflowException("no", error_code=codes.INVALID_PARAMETER_VALUE))
+        True
+        >>> is_refusal(MlflowException("who are you?", error_code=codes.UNAUTHENTICATED))
+        False
     """
-    from mlflow.entities import Metric, Param
+    return _code(error) in _VALUES_REFUSED | _RUN_REFUSED
 
-    params = [Param(key, text) for key, text in batch.params]
-    metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in batch.metrics]
-    write = functools.partial(client.log_batch, run_id, synchronous=True)
+
+class Chunk(T.NamedTuple):
+    """Values for one ``log_batch`` call: metrics (``kind`` "m") or params ("p")."""
+
+    kind: str
+    rows: T.Sequence[T.Sequence[T.Any]]  # [key, value, timestamp ms, step] or [key, text]
+    tries: int = 0  # refusals so far, once it cannot be split any more
+
+    def send(self, client: MlflowClient, run_id: str) -> None:
+        """Write the chunk with one synchronous ``log_batch`` call."""
+        from mlflow.entities import Metric, Param
+
+        if self.kind == "p":
+            client.log_batch(run_id, params=[Param(k, v) for k, v in self.rows], synchronous=True)
+        else:
+            metrics = [Metric(key, value, ms, step) for key, value, ms, step in self.rows]
+            client.log_batch(run_id, metrics=metrics, synchronous=True)
+
+
+class Refusal(T.NamedTuple):
+    """A value the store refused for good: its row as spooled, and the store's reason."""
+
+    kind: str  # "m": a metric, "p": a parameter
+    row: T.Sequence[T.Any]
+    code: str  # MLflow's error code
+    reason: str  # the store's message, first line
+
+    @property
+    def key(self) -> str:
+        """The metric's or parameter's name."""
+        return str(self.row[0])
+
+
+def chunks(batch: Batch) -> list[Chunk]:
+    """The ``log_batch`` calls that write ``batch``, each within MLflow's limits per call."""
+    params, metrics = batch.params, batch.metrics
     return [
-        functools.partial(write, params=params[start : start + MAX_PARAMS_PER_BATCH])
+        Chunk("p", params[start : start + MAX_PARAMS_PER_BATCH])
         for start in range(0, len(params), MAX_PARAMS_PER_BATCH)
     ] + [
-        functools.partial(write, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
+        Chunk("m", metrics[start : start + MAX_METRICS_PER_BATCH])
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH)
     ]
+
+
+Wait = T.Callable[[Exception, bool], None]
+Run = T.Callable[[T.Sequence[T.Callable[[], T.Any]]], list[Exception | None]]
+
+
+def deliver(
+    client: MlflowClient,
+    run_id: str,
+    batch: Batch,
+    wait: Wait,
+    retries: int = 0,
+    run: Run | None = None,
+) -> list[Refusal]:
+    """Write ``batch``; return the values the store refused for good (the rest is stored).
+
+    Args:
+        client: the client that writes.
+        run_id: the run the values belong to.
+        batch: the values.
+        wait: called with an error after a round in which some calls failed, before those are
+            sent again: ``wait(error, refused)``, ``refused`` False when the store could not be
+            reached. It pauses, or raises to give up (the values are then still in the spool).
+        retries: how many times a value the store refuses is tried again before it is set
+            aside (each time after ``wait``).
+        run: runs the calls of a round, returning each one's error or None (default: one
+            after the other, in this thread; :meth:`Uploaders.run` runs them at once).
+    """
+    run = run or _one_by_one
+    pending, refused = chunks(batch), []
+    while pending:
+        errors = run([functools.partial(chunk.send, client, run_id) for chunk in pending])
+        again: list[Chunk] = []
+        waited: tuple[Exception, bool] | None = None
+        for chunk, error in zip(pending, errors, strict=True):
+            if error is None:
+                continue
+            if not is_refusal(error):
+                again.append(chunk)
+                waited = (error, False)
+            elif _code(error) in _VALUES_REFUSED and len(chunk.rows) > 1:
+                middle = len(chunk.rows) // 2
+                again += [
+                    chunk._replace(rows=chunk.rows[:middle]),
+                    chunk._replace(rows=chunk.rows[middle:]),
+                ]
+            elif chunk.tries < retries:
+                again.append(chunk._replace(tries=chunk.tries + 1))
+                waited = waited or (error, True)
+            else:
+                reason = str(getattr(error, "message", error)).splitlines()[0]
+                code = _code(error) or ""
+                refused += [Refusal(chunk.kind, row, code, reason) for row in chunk.rows]
+        pending = again
+        if waited is not None:
+            wait(*waited)
+    return refused
+
+
+def describe_refusals(
+    refusals: T.Sequence[Refusal], where: object, most: int = 3, total: int | None = None
+) -> str:
+    """One sentence naming what the store refused, by key, with its reason.
+
+    ``total``: how many values were refused, when ``refusals`` holds only the first ones.
+
+    Example:
+        >>> rows = [Refusal("p", ["alpha", "2"], "INVALID_PARAMETER_VALUE", "changed")]
+        >>> describe_refusals(rows, "refused/r1.jsonl")
+        "1 value(s) refused by the store, set aside in refused/r1.jsonl: param 'alpha' (changed)"
+    """
+    by_key: dict[tuple[str, str], list[Refusal]] = {}
+    for refusal in refusals:
+        by_key.setdefault((refusal.kind, refusal.key), []).append(refusal)
+    named = [
+        f"{'param' if kind == 'p' else 'metric'} {key!r}"
+        + (f" x{len(rows)}" if len(rows) > 1 else "")
+        + f" ({rows[0].reason})"
+        for (kind, key), rows in list(by_key.items())[:most]
+    ]
+    more = f", and {len(by_key) - most} more key(s)" if len(by_key) > most else ""
+    count = len(refusals) if total is None else total
+    return f"{count} value(s) refused by the store, set aside in {where}: {'; '.join(named)}{more}"
+
+
+def _code(error: BaseException) -> str | None:
+    return getattr(error, "error_code", None)
+
+
+def _one_by_one(calls: T.Sequence[T.Callable[[], T.Any]]) -> list[Exception | None]:
+    errors: list[Exception | None] = []
+    for call in calls:
+        try:
+            call()
+        except Exception as exc:
+            errors.append(exc)
+        else:
+            errors.append(None)
+    return errors
 
 
 class Uploaders:
@@ -86,6 +234,7 @@ class Uploaders:
         >>> uploaders = Uploaders(3)
         >>> done = []
         >>> uploaders.run([functools.partial(done.append, i) for i in range(5)])
+        [None, None, None, None, None]
         >>> sorted(done)
         [0, 1, 2, 3, 4]
         >>> uploaders.close()
@@ -100,28 +249,27 @@ class Uploaders:
         for thread in self._threads:
             thread.start()
 
-    def run(self, calls: T.Sequence[T.Callable[[], T.Any]]) -> None:
-        """Run every call; once all have returned, raise the first error, if any."""
-        errors: list[Exception] = []
+    def run(self, calls: T.Sequence[T.Callable[[], T.Any]]) -> list[Exception | None]:
+        """Run every call; once all have returned, give each one's error, or None."""
+        errors: list[Exception | None] = [None] * len(calls)
         done = threading.Semaphore(0)
 
-        def job(call: T.Callable[[], T.Any]) -> None:
+        def job(index: int) -> None:
             try:
-                call()
+                calls[index]()
             except Exception as exc:
-                errors.append(exc)
+                errors[index] = exc
             finally:
                 done.release()
 
-        own, helped = (calls[:1], calls[1:]) if self._threads else (calls, [])
-        for call in helped:
-            self._jobs.put(functools.partial(job, call))
-        for call in own:
-            job(call)
+        own = range(min(1, len(calls))) if self._threads else range(len(calls))
+        for index in range(len(own), len(calls)):
+            self._jobs.put(functools.partial(job, index))
+        for index in own:
+            job(index)
         for _ in calls:  # every call releases once, the caller's own included
             done.acquire()
-        if errors:
-            raise errors[0]
+        return errors
 
     def close(self) -> None:
         """Let the helper threads end."""
