@@ -421,8 +421,10 @@ class MlflowService(Service):
             ``regression-model-template recover``.
         end_timeout: seconds the end of a run waits for the store to take the run's last
             values; past it they stay in the spool and ``run_context`` raises ``ServiceError``.
-        write_retries: retries of values the store refuses (not of an unreachable store,
-            which is retried for as long as it takes) before the job fails.
+        write_retries: retries of a value the store refuses (after 0.5 s, then doubling)
+            before it is set aside in ``<spool_dir>/refused/`` and the run ends FAILED; the
+            run's other values are written regardless. An unreachable store is retried for as
+            long as it takes.
         parallel_uploads: ``log_batch`` calls in flight at once when the tracking store is a
             server (``http(s)://``): a server with several workers takes a backlog faster
             (one job's 20,000 values into a 4-worker server on 2 cores, final flush included:
