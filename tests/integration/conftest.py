@@ -20,6 +20,7 @@ from regression_model_template.io.team_server import (
     team_server,
 )
 from regression_model_template.testing import free_port, local_mlflow_server
+from tests.integration.recording_proxy import RecordingProxy
 
 # These machines have no internet: keep MLflow's telemetry quiet in the test process too.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -32,6 +33,17 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with local_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
         sys.stderr.write(f"\nmlflow server ready at {url}\n")
         yield url
+
+
+@pytest.fixture
+def recording_proxy(mlflow_server: str) -> Iterator[RecordingProxy]:
+    """A proxy in front of the session's ``mlflow server``, recording the log-batch calls.
+
+    Give its ``url`` to the job as the tracking URI: ``recording_proxy.metrics()`` is then
+    every metric value the server received, duplicates included.
+    """
+    with RecordingProxy(mlflow_server) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="session")
