@@ -8,8 +8,9 @@ calls before they reach the server:
 
 - :meth:`RecordingProxy.hold_until_in_flight`: each call waits until ``count`` calls are in
   flight at once (or a bounded wait passes): overlap becomes a fact the test observes;
-- :meth:`RecordingProxy.hold_call`: one call is held until the test forwards it or drops it
-  (the store never receives it), e.g. while the test kills the client.
+- :meth:`RecordingProxy.hold_call`: one call (the first to come once a condition holds) is held
+  until the test forwards it or drops it (the store never receives it), e.g. while the test
+  kills the client.
 
 The proxy is a test tool at the network boundary: the code under test only sees a URL.
 
@@ -87,9 +88,9 @@ class Call:
 
 @dataclass
 class HeldCall:
-    """The ``index``-th log-batch call (0: the first from now), held until the test decides."""
+    """The first log-batch call to come while ``when(proxy)`` holds, held until the test decides."""
 
-    index: int
+    when: T.Callable[[RecordingProxy], bool]
     arrived: threading.Event = field(default_factory=threading.Event)
     call: Call | None = None
     _decided: threading.Event = field(default_factory=threading.Event)
@@ -102,7 +103,7 @@ class HeldCall:
             TimeoutError: it did not come within ``timeout`` seconds.
         """
         if not self.arrived.wait(timeout):
-            raise TimeoutError(f"log-batch call #{self.index} did not come within {timeout:g} s")
+            raise TimeoutError(f"no log-batch call to hold came within {timeout:g} s")
         assert self.call is not None
         return self.call
 
@@ -164,11 +165,11 @@ class RecordingProxy:
             self._hold_count, self._hold_timeout = count, timeout
             self._lock.notify_all()
 
-    def hold_call(self, index: int = 0) -> HeldCall:
-        """Hold the ``index``-th log-batch call from now (0: the next one) until the test
-        forwards or drops it."""
+    def hold_call(self, when: T.Callable[[RecordingProxy], bool] = lambda proxy: True) -> HeldCall:
+        """Hold the first log-batch call that comes while ``when(self)`` holds (default: the
+        next one) until the test forwards or drops it."""
         with self._lock:
-            held = HeldCall(len(self._calls) + index)
+            held = HeldCall(when)
             self._held.append(held)
             return held
 
@@ -246,15 +247,15 @@ class RecordingProxy:
     def _log_batch(self, handler: http.server.BaseHTTPRequestHandler, body: bytes) -> None:
         call = _parse_log_batch(body)
         with self._lock:
-            index = len(self._calls)
+            held = next((h for h in self._held if h.call is None and h.when(self)), None)
+            if held is not None:
+                held.call = call
             self._calls.append(call)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self._lock.notify_all()
-            held = next((h for h in self._held if h.index == index), None)
         try:
             if held is not None:
-                held.call = call
                 held.arrived.set()
                 held._decided.wait()
                 if not held._forward:
