@@ -135,6 +135,7 @@ class RecordingProxy:
         self._hold_count = 1  # each call waits until this many are in flight...
         self._hold_timeout = 0.0  # ...or this many seconds passed
         self._held: list[HeldCall] = []
+        self._refusing: int | None = None  # the HTTP status log-batch calls get instead
         self._closed = False
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -172,6 +173,12 @@ class RecordingProxy:
             held = HeldCall(when)
             self._held.append(held)
             return held
+
+    def refuse_log_batch(self, status: int | None) -> None:
+        """From now on, answer log-batch calls with ``status`` (e.g. 401, as a server whose
+        credentials expired does) instead of forwarding them; None: forward them again."""
+        with self._lock:
+            self._refusing = status
 
     def reset_max_in_flight(self) -> None:
         """Count the most calls in flight at once from now."""
@@ -246,6 +253,11 @@ class RecordingProxy:
 
     def _log_batch(self, handler: http.server.BaseHTTPRequestHandler, body: bytes) -> None:
         call = _parse_log_batch(body)
+        with self._lock:
+            refusing = self._refusing
+        if refusing is not None:  # not recorded: the server never had it
+            _answer(handler, refusing, [("Content-Type", "text/plain")], b"Unauthorized")
+            return
         with self._lock:
             held = next((h for h in self._held if h.call is None and h.when(self)), None)
             if held is not None:

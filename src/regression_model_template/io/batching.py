@@ -42,6 +42,7 @@ from regression_model_template.io.uploads import (
     Uploaders,
     deliver,
     describe_refusals,
+    failure,
 )
 
 if T.TYPE_CHECKING:
@@ -361,8 +362,7 @@ class BatchWriter:
         def wait(error: Exception, refused: bool) -> None:
             nonlocal pause
             if not refused:
-                cause = self._redact(f"{type(error).__name__}: {error}").splitlines()[0]
-                self._note_unreachable(cause)
+                self._note_unreachable(self._redact(failure(error)))
             with self._lock:
                 if not self._abandoned:
                     self._lock.wait(pause)  # woken early by close()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from regression_model_template.io import run_logs
 from regression_model_template.io import spool as _spool
-from regression_model_template.io.uploads import Refusal, deliver, describe_refusals
+from regression_model_template.io.uploads import Refusal, deliver, describe_refusals, failure
 
 if T.TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -149,7 +149,7 @@ def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], s
         else:
             status = run.info.status  # it had ended already: keep what the store says
     except Exception as exc:
-        return report(None, redact(f"{type(exc).__name__}: {exc}").splitlines()[0])
+        return report(None, redact(failure(exc)))
     shutil.rmtree(folder, ignore_errors=True)
     return report(status, None)
 

@@ -54,6 +54,7 @@ __all__ = [
     "chunks",
     "deliver",
     "describe_refusals",
+    "failure",
     "is_refusal",
 ]
 
@@ -65,6 +66,8 @@ MAX_PARAMS_PER_BATCH = 100
 _VALUES_REFUSED = frozenset({"BAD_REQUEST", "INVALID_PARAMETER_VALUE"})
 # Errors by which it refuses the run (deleted, ended): every value of the call, as it stands.
 _RUN_REFUSED = frozenset({"INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"})
+# Errors by which a server refuses the caller: the values wait until the credentials work.
+_CREDENTIALS = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
 
 
 def is_refusal(error: BaseException) -> bool:
@@ -79,6 +82,24 @@ def is_refusal(error: BaseException) -> bool:
         False
     """
     return _code(error) in _VALUES_REFUSED | _RUN_REFUSED
+
+
+def failure(error: BaseException) -> str:
+    """``error`` in one line for a person; credentials refused say so first.
+
+    Example:
+        >>> from mlflow.exceptions import MlflowException
+        >>> from mlflow.protos import databricks_pb2 as codes
+        >>> failure(MlflowException("error code 401 != 200", error_code=codes.UNAUTHENTICATED))
+        'the server refused the credentials (UNAUTHENTICATED, HTTP 401): error code 401 != 200'
+        >>> failure(ConnectionError("Connection refused"))
+        'ConnectionError: Connection refused'
+    """
+    line = (str(getattr(error, "message", error)).splitlines() or [""])[0]
+    code = _code(error)
+    if code in _CREDENTIALS:
+        return f"the server refused the credentials ({code}, HTTP {_CREDENTIALS[code]}): {line}"
+    return f"{type(error).__name__}: {line}"
 
 
 class Chunk(T.NamedTuple):
