@@ -1,8 +1,9 @@
 """What a dead process left in the spool: sent to the store, its runs ended with their status.
 
 A run folder whose lock can be taken belongs to no live process (the kernel dropped the lock
-when its owner died). :func:`recover` sends the values the store has not acknowledged (a value
-sent twice is harmless: MLflow's SQL stores ignore an exact duplicate), ends the run with the
+when its owner died). :func:`recover` sends the values the store has not acknowledged (only a
+batch whose acknowledgement died with the process goes twice; MLflow's SQL stores ignore an
+exact duplicate), ends the run with the
 status it recorded, or KILLED when the process died mid-run, and deletes the folder. The run's
 log captured up to the crash (:mod:`.run_logs`) is uploaded as its ``run.log`` artifact. A folder
 of another store is left alone: the credentials come from the current configuration, and

@@ -1,9 +1,10 @@
 """Writing spooled values to the store: within MLflow's limits, in parallel, refusals set aside.
 
 A batch read from a run's spool becomes chunks of at most 1,000 metrics (100 params), one
-``log_batch`` call each (:func:`chunks`). The calls can run in any order or at once (a SQL
-store ignores a value it already has), which is what lets a tracking server with several
-workers take a backlog faster: :class:`Uploaders` runs them ``size`` at a time.
+``log_batch`` call each (:func:`chunks`). The calls of a batch hold different values and can
+run in any order or at once, which is what lets a tracking server with several workers take a
+backlog faster: :class:`Uploaders` runs them ``size`` at a time. Each value is sent once; only
+a call that failed is sent again.
 
 :func:`deliver` sends a batch so that a store's refusal costs only the values refused:
 
