@@ -44,7 +44,7 @@ __all__ = ["Terminated", "stop_once"]
 
 
 class Terminated(SystemExit):
-    """Raised in the main thread by the first SIGTERM inside :func:`stop_once` (exit code 143).
+    """Raised in the main thread by the first SIGTERM in a block of :func:`.stop_signals.stop_once`.
 
     Example:
         >>> Terminated().code
@@ -88,8 +88,7 @@ class _Stop:
                 os.write(2, line.encode())
 
 
-@contextlib.contextmanager
-def stop_once(*signals: signal.Signals) -> T.Iterator[None]:
+def stop_once(*signals: signal.Signals) -> contextlib.AbstractContextManager[None]:
     """Inside the block, the first of ``signals`` raises; later ones are ignored.
 
     SIGTERM raises :class:`Terminated`, SIGINT ``KeyboardInterrupt``. Each signal is taken
@@ -101,9 +100,14 @@ def stop_once(*signals: signal.Signals) -> T.Iterator[None]:
     Raises:
         ValueError: a signal other than SIGTERM and SIGINT.
     """
-    unknown = [sig for sig in signals if sig not in _RAISES]
+    unknown = [sig.name for sig in signals if sig not in _RAISES]
     if unknown:
-        raise ValueError(f"stop_once takes SIGTERM and SIGINT, not {unknown}")
+        raise ValueError(f"stop_once takes SIGTERM and SIGINT, not {', '.join(unknown)}")
+    return _stopping(signals)
+
+
+@contextlib.contextmanager
+def _stopping(signals: T.Sequence[signal.Signals]) -> T.Iterator[None]:
     stop = _Stop()
     taken: dict[signal.Signals, T.Any] = {}
     if threading.current_thread() is threading.main_thread():
