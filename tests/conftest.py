@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import typing as T
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,3 +141,77 @@ def run_log(client: T.Any, run_id: str, folder: Path) -> str | None:
     target = folder / f"download-{run_id}"
     target.mkdir(exist_ok=True)
     return Path(client.download_artifacts(run_id, "run.log", str(target))).read_text()
+
+
+# %% a job in a child process, logging into an MlflowService
+
+CHILD_TIMEOUT = 120.0  # seconds a child process may take (measured: 3-5 s to start)
+
+_CHILD_JOB = """
+import os, sys, time
+from regression_model_template.io.services import MlflowService
+store, spool_dir, progress = sys.argv[1:4]
+RunConfig = MlflowService.RunConfig
+service = MlflowService(
+    tracking_uri=store, spool_dir=spool_dir, experiment_name="children", autolog_disable=True,
+    flush_interval=0.05,
+)
+{body}
+"""
+
+
+@contextlib.contextmanager
+def child_job(
+    tmp_path: Path, name: str, body: str, store: str, spool_dir: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A child Python process running ``body``; yields it and its progress file; always ended.
+
+    ``body`` finds ``service`` (an MlflowService on ``store``, not started), ``RunConfig`` and
+    ``progress`` (the progress file's path). It writes its run ID as the first line of the
+    progress file, then what it reports. Its stdout and stderr go to ``tmp_path/<name>.log``.
+    """
+    script = tmp_path / f"{name}.py"
+    script.write_text(_CHILD_JOB.format(body=textwrap.dedent(body)))
+    progress = tmp_path / f"{name}.progress"
+    output = tmp_path / f"{name}.log"
+    from regression_model_template.testing import clean_environ
+
+    with output.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(script), store, str(spool_dir), str(progress)],
+            cwd=tmp_path,
+            env=clean_environ(),
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield process, progress
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(CHILD_TIMEOUT)
+        if process.stdin is not None:
+            process.stdin.close()
+
+
+def wait_until(
+    condition: Callable[[], bool], process: subprocess.Popen[bytes], what: str, log: Path
+) -> None:
+    """Wait for ``condition``; fail the test, with the child's output, if the child exits first."""
+    deadline = time.monotonic() + CHILD_TIMEOUT
+    while not condition():
+        if process.poll() is not None:
+            output = log.read_text(errors="replace") if log.exists() else ""
+            pytest.fail(f"the child exited ({process.returncode}) before {what}:\n{output}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the child did not reach {what} within {CHILD_TIMEOUT:g} s")
+        time.sleep(0.01)
+
+
+def whole_lines(path: Path) -> list[str]:
+    """The whole lines of ``path`` (a line still being written is left out)."""
+    if not path.exists():
+        return []
+    text = path.read_bytes().decode()
+    return text.split("\n")[:-1]

@@ -300,14 +300,18 @@ def _serve(folder: str, port: int, workers: int) -> int:
     from pathlib import Path
 
     from regression_model_template.io import team_server
-    from regression_model_template.io.tracking import Terminated, sigterm_unwinds
+    from regression_model_template.io.stop_signals import Terminated, stop_once
 
     if not 0 < port < 65536 or workers < 1:
         raise UsageError(f"--port must be 1-65535 and --workers at least 1 (got {port}, {workers})")
     print(f"starting PostgreSQL and mlflow server in {folder}/ ...", flush=True)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with sigterm_unwinds(), team_server.team_server(Path(folder), port, workers) as stack:
+        # A second Ctrl-C (or a supervisor's repeated SIGTERM) must not cut the stop short:
+        # that would leave the server's processes behind. stop_once ignores it.
+        with (
+            stop_once(signal.SIGINT, signal.SIGTERM),
+            team_server.team_server(Path(folder), port, workers) as stack,
+        ):
             outside = stack.cluster.parent != Path(folder).absolute()
             moved = f" (the postgres user could not reach {folder}/)" if outside else ""
             print(
@@ -317,17 +321,10 @@ def _serve(folder: str, port: int, workers: int) -> int:
                 "Ctrl-C stops it.",
                 flush=True,
             )
-            try:
-                misses = 0  # consecutive /health checks without an answer
-                while misses < 3:
-                    time.sleep(2.0)
-                    misses = 0 if team_server.running(stack.url) else misses + 1
-            except (KeyboardInterrupt, Terminated):
-                # A second Ctrl-C (or a supervisor's repeated SIGTERM) must not cut the stop
-                # short: that would leave the server's processes behind.
-                for sig in handlers:
-                    signal.signal(sig, signal.SIG_IGN)
-                raise
+            misses = 0  # consecutive /health checks without an answer
+            while misses < 3:
+                time.sleep(2.0)
+                misses = 0 if team_server.running(stack.url) else misses + 1
             print(f"error: the tracking server stopped answering; see {folder}/server.log",
                   file=sys.stderr)  # fmt: skip
             return 1
@@ -337,10 +334,6 @@ def _serve(folder: str, port: int, workers: int) -> int:
     except Exception as error:  # any failure to start: one line, exit 1
         print(f"error: the tracking stack did not start: {error}", file=sys.stderr)
         return 1
-    finally:
-        for sig, handler in handlers.items():
-            if handler is not None:
-                signal.signal(sig, handler)
 
 
 def entry_point() -> None:

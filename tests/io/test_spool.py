@@ -7,15 +7,12 @@ on 127.0.0.1 for the credentials test), child Python processes killed with SIGKI
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import signal
 import stat
 import subprocess
-import sys
-import textwrap
 import time
 import typing as T
 from collections import Counter
@@ -28,18 +25,19 @@ from mlflow.tracking import MlflowClient
 from regression_model_template.io import spool as spool_files
 from regression_model_template.io.services import MlflowService, ServiceError
 from regression_model_template.testing import (
-    clean_environ,
     local_mlflow_server,
     mlflow_globals_restored,
 )
-from tests.conftest import recover_command
+from tests.conftest import CHILD_TIMEOUT, recover_command
+from tests.conftest import child_job as _child
+from tests.conftest import wait_until as _wait_until
+from tests.conftest import whole_lines as _lines
 
 # These machines have no internet: keep MLflow's telemetry quiet in this process too.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 RunConfig = MlflowService.RunConfig
-CHILD_TIMEOUT = 120.0  # seconds a child process may take (measured: 3-5 s to start)
 SECRET = "s3cret-Pa55"
 
 
@@ -71,71 +69,6 @@ def _entries(folder: Path) -> list[str]:
 
 def _explain(result: subprocess.CompletedProcess[str]) -> str:
     return f"exit code {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-
-
-_CHILD = """
-import os, sys, time
-from regression_model_template.io.services import MlflowService
-store, spool_dir, progress = sys.argv[1:4]
-RunConfig = MlflowService.RunConfig
-service = MlflowService(
-    tracking_uri=store, spool_dir=spool_dir, experiment_name="children", autolog_disable=True,
-    flush_interval=0.05,
-)
-{body}
-"""
-
-
-@contextlib.contextmanager
-def _child(
-    tmp_path: Path, name: str, body: str, store: str, spool_dir: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """A child Python process running ``body``; yields it and its progress file; always ended.
-
-    The child writes its run ID as the first line of the progress file, then what it reports.
-    """
-    script = tmp_path / f"{name}.py"
-    script.write_text(_CHILD.format(body=textwrap.dedent(body)))
-    progress = tmp_path / f"{name}.progress"
-    output = tmp_path / f"{name}.log"
-    with output.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(script), store, str(spool_dir), str(progress)],
-            cwd=tmp_path,
-            env=clean_environ(),
-            stdin=subprocess.PIPE,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield process, progress
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(CHILD_TIMEOUT)
-        if process.stdin is not None:
-            process.stdin.close()
-
-
-def _wait_until(
-    condition: Callable[[], bool], process: subprocess.Popen[bytes], what: str, log: Path
-) -> None:
-    deadline = time.monotonic() + CHILD_TIMEOUT
-    while not condition():
-        if process.poll() is not None:
-            output = log.read_text(errors="replace") if log.exists() else ""
-            pytest.fail(f"the child exited ({process.returncode}) before {what}:\n{output}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"the child did not reach {what} within {CHILD_TIMEOUT:g} s")
-        time.sleep(0.01)
-
-
-def _lines(path: Path) -> list[str]:
-    """The whole lines of ``path`` (a line still being written is left out)."""
-    if not path.exists():
-        return []
-    text = path.read_bytes().decode()
-    return text.split("\n")[:-1]
 
 
 # %% a process killed in the middle of a run

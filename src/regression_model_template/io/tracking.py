@@ -6,7 +6,8 @@ also decides how each run ends (:func:`end_status`) and what SIGTERM does.
 A job killed by SIGTERM (``kill``, a scheduler, a container stop) would die on the spot with
 its run RUNNING and its buffered values lost. While an MlflowService runs, SIGTERM instead
 raises :class:`Terminated` in the main thread: the stack unwinds, the run ends KILLED, the
-services stop, and the process still exits with code 143.
+services stop, and the process still exits with code 143. A repeated SIGTERM while it unwinds
+is ignored (:mod:`.stop_signals`), so it cannot cut that short.
 
 Example:
     >>> end_status(None), end_status(ValueError()), end_status(KeyboardInterrupt())
@@ -20,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
-import types
 import typing as T
 
 from loguru import logger
@@ -29,6 +28,7 @@ from loguru import logger
 from regression_model_template.io import run_logs, stores
 from regression_model_template.io.batching import StoreUnreachable, WriteError
 from regression_model_template.io.errors import ServiceError
+from regression_model_template.io.stop_signals import Terminated, stop_once
 
 if T.TYPE_CHECKING:
     from pathlib import Path
@@ -40,19 +40,7 @@ if T.TYPE_CHECKING:
 
 Errors = T.Callable[[str, str], contextlib.AbstractContextManager[None]]
 
-__all__ = ["Terminated", "TrackingSession", "end_status", "sigterm_unwinds"]
-
-
-class Terminated(SystemExit):
-    """Raised in the main thread on SIGTERM while an MlflowService runs (exit code 143).
-
-    Example:
-        >>> Terminated().code
-        143
-    """
-
-    def __init__(self) -> None:
-        super().__init__(128 + signal.SIGTERM)
+__all__ = ["Terminated", "TrackingSession", "end_status"]
 
 
 def end_status(error: BaseException | None) -> str:
@@ -64,30 +52,6 @@ def end_status(error: BaseException | None) -> str:
     if isinstance(error, SystemExit):
         return "FINISHED" if error.code in (0, None) else "FAILED"
     return "FAILED"
-
-
-def _terminate(signum: int, frame: types.FrameType | None) -> None:
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def sigterm_unwinds() -> T.Iterator[None]:
-    """Make SIGTERM raise :class:`Terminated` inside the block.
-
-    Only from the main thread, and only over the default handler: a handler the application
-    installed itself is left alone.
-    """
-    install = (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    )
-    if install:
-        signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        if install and signal.getsignal(signal.SIGTERM) is _terminate:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class TrackingSession:
@@ -160,7 +124,7 @@ class TrackingSession:
 
         with contextlib.ExitStack() as restore:  # undone now if opening fails, else by close()
             restore.enter_context(stores.mlflow_environ())
-            restore.enter_context(sigterm_unwinds())
+            restore.enter_context(stop_once(signal.SIGTERM))
             restore.callback(_restore_mlflow_globals, *_mlflow_globals())
             with errors("tracking_uri", f"cannot use the tracking store {store}"):
                 client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
