@@ -17,6 +17,7 @@ scikit-learn are imported when a job runs.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -79,8 +80,18 @@ def _parser() -> argparse.ArgumentParser:
     config_commands.add_parser("show", parents=[settings], help="effective values and sources")
     config_commands.add_parser("schema", help="JSON schema of the configuration")
 
-    commands.add_parser(
+    recover = commands.add_parser(
         "recover", parents=[settings], help="send what killed jobs left in the spool"
+    )
+    recover.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also take the runs this store's jobs spooled on host NAME (repeatable): runs of "
+        "other hosts sharing the spool folder are left alone, as this host cannot tell whether "
+        "their jobs still run; name a host only when its jobs are dead",
     )
     server = commands.add_parser(
         "server",
@@ -128,7 +139,7 @@ def main(argv: T.Sequence[str] | None = None) -> int:
         if args.command == "check":
             return _check(container, send_alert=args.alert)
         if args.command == "recover":
-            return _recover(container)
+            return _recover(container, args.hosts)
         return _run(args.job, container)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -241,19 +252,31 @@ def _check(container: Container, send_alert: bool = False) -> int:
     return 1 if failed else 0
 
 
-def _recover(container: Container) -> int:
-    """Send the spooled values of dead processes; exit 1 when some are waiting or refused."""
+def _recover(container: Container, hosts: T.Sequence[str]) -> int:
+    """Send the spooled values of dead processes; exit 1 when some are waiting or refused.
+
+    Runs of other hosts are left, said in one line (they are not waiting on this host).
+    """
+    from regression_model_template.io.recovery import Elsewhere
     from regression_model_template.io.services import ServiceError
 
     service = container.mlflow_service()
+    elsewhere: list[Elsewhere] = []
     try:
-        reports = service.recover()
+        reports = service.recover(hosts, elsewhere)
     except ServiceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     for report in reports:
         print(report.summary())
-    if not reports:
+    if elsewhere:
+        counts = collections.Counter(run.host for run in elsewhere)
+        where = ", ".join(f"{count} of {host}" for host, count in sorted(counts.items()))
+        print(
+            f"left {len(elsewhere)} run(s) of other hosts in the spool ({where}): "
+            "`recover --host NAME` takes a host's runs once its jobs are dead"
+        )
+    elif not reports:
         print("nothing to recover for this store")
     return 1 if any(report.waiting or report.refused for report in reports) else 0
 

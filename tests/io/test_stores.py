@@ -149,3 +149,80 @@ def test_an_experiment_another_job_creates_meanwhile_is_used_not_an_error(
         with mlflow.start_run() as run:
             pass
     assert run.info.experiment_id == experiment.experiment_id != "0"
+
+
+# %% what a store is, however its URI is written
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("http://alice:pw1@mlflow.local:5000/", "http://bob:pw2@MLflow.local:5000"),
+        (f"https://{SECRET}@mlflow.example.com/team", "https://mlflow.example.com:443/team/"),
+        (
+            f"postgresql://bob:{SECRET}@db/mlflow?sslmode=require",
+            "postgresql+psycopg2://alice@db:5432/mlflow",
+        ),
+        (f"http://bob:{SECRET}@[::1]:5000/?token=abc", "http://[::1]:5000"),
+    ],
+)
+def test_uris_that_differ_only_in_credentials_and_spelling_name_one_store(
+    one: str, other: str
+) -> None:
+    # when the identities of two spellings of one store are taken
+    identities = {stores.store_identity(one), stores.store_identity(other)}
+
+    # then they are one, and holds none of the credentials
+    assert len(identities) == 1
+    (identity,) = identities
+    for secret in ("pw1", "pw2", SECRET, "abc", "alice", "bob"):
+        assert secret not in identity
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("http://mlflow.local:5000", "http://mlflow.local:5001"),
+        ("http://mlflow.local/a", "http://mlflow.local/b"),
+        ("postgresql://db/mlflow", "postgresql://db/other"),
+        ("postgresql:///mlflow?host=/run/a", "postgresql:///mlflow?host=/run/b"),
+    ],
+)
+def test_different_stores_keep_different_identities(one: str, other: str) -> None:
+    assert stores.store_identity(one) != stores.store_identity(other)
+
+
+def test_a_sqlite_file_is_one_store_however_its_path_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given a database in a project folder, reached through a symbolic link too
+    project = tmp_path / "project"
+    (project / "mlruns").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(project)
+    monkeypatch.chdir(project)
+
+    # when its identity is taken from relative, absolute, ".." and linked spellings
+    spellings = [
+        "sqlite:///mlruns/mlflow.db",
+        f"sqlite:///{project}/mlruns/mlflow.db",
+        "sqlite:///../project/mlruns/mlflow.db",
+        f"sqlite:///{tmp_path}/link/mlruns/mlflow.db",
+        "sqlite:///mlruns/mlflow.db?timeout=5",
+    ]
+    identities = {stores.store_identity(uri) for uri in spellings}
+
+    # then they are one: the file's absolute path; from another folder the relative one is not
+    assert identities == {f"sqlite:///{project.resolve()}/mlruns/mlflow.db"}
+    monkeypatch.chdir(tmp_path)
+    assert stores.store_identity("sqlite:///mlruns/mlflow.db") not in identities
+
+
+@FUZZ
+@given(uri=uri_texts)
+@example(uri=f"sqlite://bob:{SECRET}@host/x")
+@example(uri=f"postgresql://bob:{SECRET}@[db/mlflow")
+def test_a_store_identity_never_raises_and_never_holds_a_secret(uri: str) -> None:
+    identity = stores.store_identity(uri)
+    assert not any(secret in identity for secret in uri_secrets(uri) if "*" not in secret)
+    # and masking first changes nothing: a spool records the identity of the masked URI
+    assert stores.store_identity(mask_uri(uri)) == identity

@@ -79,6 +79,8 @@ class BatchWriter:
         client: the client that writes.
         spool_dir: where each run's spool folder goes.
         store: the tracking store, credentials masked (recorded in each spool).
+        store_id: what the store is (``stores.store_identity``), recorded in each spool for
+            recovery to match (None: that of ``store``).
         interval: seconds a value may wait before it is written.
         retries: retries of a value the store refuses, before it is set aside.
         backoff: pause before the first retry, in seconds (doubled each time, up to
@@ -114,6 +116,7 @@ class BatchWriter:
         spool_dir: Path,
         *,
         store: str = "",
+        store_id: str | None = None,
         interval: float = 1.0,
         retries: int = 3,
         backoff: float = 0.5,
@@ -126,6 +129,7 @@ class BatchWriter:
         self._client = client
         self.spool_dir = Path(spool_dir)
         self._store = store
+        self._store_id = store_id
         self._interval = interval
         self._retries = retries
         self._backoff = backoff
@@ -173,7 +177,7 @@ class BatchWriter:
             spool = self._spools.get(run_id)
             if spool is None:
                 try:
-                    spool = RunSpool.create(self.spool_dir, run_id, self._store)
+                    spool = RunSpool.create(self.spool_dir, run_id, self._store, self._store_id)
                 except OSError as exc:
                     raise ServiceError(
                         "MlflowService",
@@ -336,6 +340,7 @@ class BatchWriter:
         while spool.sent < spool.written:
             if self._abandoned:
                 raise _Abandoned()  # stopped: what is left is for `recover`
+            spool.sync()  # on the disk before it is sent: a power cut loses < one interval
             batch = read_batch(
                 spool.folder, spool.sent, until=spool.written, limit=self._batch_limit
             )
@@ -363,6 +368,10 @@ class BatchWriter:
             nonlocal pause
             if not refused:
                 self._note_unreachable(self._redact(failure(error)))
+            with self._lock:
+                spools = list(self._spools.values())
+            for waiting in spools:  # an outage can last: what piles up meanwhile goes to disk
+                waiting.sync()
             with self._lock:
                 if not self._abandoned:
                     self._lock.wait(pause)  # woken early by close()

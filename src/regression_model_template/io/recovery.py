@@ -5,9 +5,14 @@ when its owner died). :func:`recover` sends the values the store has not acknowl
 batch whose acknowledgement died with the process goes twice; MLflow's SQL stores ignore an
 exact duplicate), ends the run with the
 status it recorded, or KILLED when the process died mid-run, and deletes the folder. The run's
-log captured up to the crash (:mod:`.run_logs`) is uploaded as its ``run.log`` artifact. A folder
-of another store is left alone: the credentials come from the current configuration, and
-values never go to a store they were not logged for.
+log captured up to the crash (:mod:`.run_logs`) is uploaded as its ``run.log`` artifact.
+
+A folder of another store is left alone: the credentials come from the current configuration,
+and values never go to a store they were not logged for. The store is matched on what it is
+(:func:`.stores.store_identity`: ``sqlite:///mlruns/mlflow.db`` in two projects' folders is two
+stores), not on the URI's text. A folder of another host is left alone too (a home folder
+shared by several machines): its lock says nothing about a process over there, so only a
+person who knows that host's job is dead names it (``hosts``).
 
 Example:
     >>> import tempfile
@@ -30,17 +35,26 @@ Example:
 from __future__ import annotations
 
 import shutil
+import socket
 import typing as T
 from pathlib import Path
 
-from regression_model_template.io import run_logs
+from regression_model_template.io import run_logs, stores
 from regression_model_template.io import spool as _spool
 from regression_model_template.io.uploads import Refusal, deliver, describe_refusals, failure
 
 if T.TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-__all__ = ["Recovered", "recover"]
+__all__ = ["Elsewhere", "Recovered", "recover"]
+
+
+class Elsewhere(T.NamedTuple):
+    """A run of this store, spooled on another host, that recovery left alone."""
+
+    run_id: str
+    host: str
+    folder: Path
 
 
 class Recovered(T.NamedTuple):
@@ -91,22 +105,58 @@ def recover(
     store: str,
     client: MlflowClient,
     redact: T.Callable[[str], str] = str,
+    *,
+    identity: str | None = None,
+    hosts: T.Collection[str] = (),
+    elsewhere: list[Elsewhere] | None = None,
 ) -> list[Recovered]:
     """Send and end every run in ``spool_dir`` that no live process owns and that ``store`` has.
 
-    ``store`` is the tracking store's URI with its credentials masked, as each spool records it.
-    Never raises for what it finds: a store that cannot be reached, a damaged spool, a folder
-    of another store are reported.
+    ``store`` is the tracking store's URI with its credentials masked, as each spool records
+    it; ``identity`` its :func:`.stores.store_identity`, computed where the store was opened
+    (None: that of ``store``, now). Runs spooled on this host are recovered, and those of the
+    ``hosts`` named; a run of this store spooled on another host goes to ``elsewhere`` when
+    given. Never raises for what it finds: a store that cannot be reached, a damaged spool,
+    a folder of another store are reported.
     """
+    identity = identity if identity is not None else stores.store_identity(store)
+    here = socket.gethostname()
     reports = []
     for folder in _spool.spooled_runs(Path(spool_dir)):
         info = _spool.run_info(folder)
-        if info.get("store", store) != store:
+        if not _of_store(info, store, identity, client, folder.name):
             continue  # another store's: its own configuration will recover it
+        host = str(info.get("host", here))  # no host: written here, by an earlier version
+        if host != here and host not in hosts:
+            if elsewhere is not None:
+                elsewhere.append(Elsewhere(folder.name, host, folder))
+            continue
         with _spool.orphan(folder) as mine:
             if mine:
                 reports.append(_recover_run(folder, client, redact))
     return reports
+
+
+def _of_store(
+    info: T.Mapping[str, T.Any], store: str, identity: str, client: MlflowClient, run_id: str
+) -> bool:
+    """Whether the spool whose ``run.json`` is ``info`` was logged for this store."""
+    if "store_id" in info:
+        return bool(info["store_id"] == identity)
+    # Written by an earlier version, which recorded the URI's text only. A relative SQLite
+    # path names a different file in each working directory: such a spool is this store's
+    # only when the store has its run (run IDs are random: no other store has it).
+    text = info.get("store", store)
+    if text != store:
+        return False
+    path = stores.sqlite_path(text)
+    if path is None or path.is_absolute():
+        return True
+    try:
+        client.get_run(run_id)
+    except Exception:
+        return False  # another project's (or unreadable now: left for a later recovery)
+    return True
 
 
 def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], str]) -> Recovered:

@@ -547,7 +547,8 @@ class MlflowService(Service):
         logs.stdlib_bridge.adopt()
         self._open_databases()
         spool_dir = self._spool_dir()
-        for report in self._recover(spool_dir):  # what killed processes left for this store
+        identity = stores.store_identity(self.tracking_uri)  # here: relative paths are cwd's
+        for report in self._recover(spool_dir, identity):  # what killed processes left here
             log = _logger.warning if report.waiting or report.damage else _logger.info
             log("Recovered from the spool: {}", report.summary())
         settings = self.model_dump()
@@ -558,6 +559,7 @@ class MlflowService(Service):
             autolog={k[len("autolog_") :]: v for k, v in settings.items() if "autolog_" in k},
             writer={
                 "spool_dir": spool_dir,
+                "store_id": identity,
                 "interval": self.flush_interval,
                 "retries": self.write_retries,
                 "uploads": self.parallel_uploads if stores.is_server(self.tracking_uri) else 1,
@@ -686,11 +688,15 @@ class MlflowService(Service):
             return None
         return stores.run_link(self.tracking_uri, self._session.experiment_id, run_id)
 
-    def recover(self) -> list[recovery.Recovered]:
+    def recover(
+        self, hosts: T.Collection[str] = (), elsewhere: list[recovery.Elsewhere] | None = None
+    ) -> list[recovery.Recovered]:
         """Send what killed processes left in the spool for this store; end their runs.
 
         Each run is ended with the status it recorded, or KILLED when its process died in the
-        middle of it. Runs of live processes and of other stores are not touched.
+        middle of it. Runs of live processes and of other stores are not touched, nor runs
+        spooled on another host (a shared home folder) unless their host is among ``hosts``:
+        this host cannot tell whether their process lives. Those left go to ``elsewhere``.
 
         Raises:
             ServiceError: the spool folder cannot be created (``mlflow.spool_dir``).
@@ -702,15 +708,30 @@ class MlflowService(Service):
             >>> service.recover()
             []
         """
-        return self._recover(self._spool_dir())
+        identity = stores.store_identity(self.tracking_uri)
+        return self._recover(self._spool_dir(), identity, hosts, elsewhere)
 
-    def _recover(self, folder: Path) -> list[recovery.Recovered]:
+    def _recover(
+        self,
+        folder: Path,
+        identity: str,
+        hosts: T.Collection[str] = (),
+        elsewhere: list[recovery.Elsewhere] | None = None,
+    ) -> list[recovery.Recovered]:
         if not spool.spooled_runs(folder):
             return []
         with self._errors("tracking_uri", f"cannot use the tracking store {self._masked()}"):
             client = self.client()
         with stores.quiet_run_links():  # MLflow would print the URI, credentials included
-            return recovery.recover(folder, self._masked(), client, self.redact)
+            return recovery.recover(
+                folder,
+                self._masked(),
+                client,
+                self.redact,
+                identity=identity,
+                hosts=hosts,
+                elsewhere=elsewhere,
+            )
 
     def redact(self, text: str) -> str:
         """Return ``text`` with the credentials of this service's URIs replaced by ``***``.

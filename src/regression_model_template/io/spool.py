@@ -3,7 +3,8 @@
 One folder per run, readable by the user only::
 
     <spool_dir>/<run_id>/
-        run.json      the run and its store (URI with credentials masked)
+        run.json      the run, its store (the URI with credentials masked, and what the URI
+                      names: :func:`.stores.store_identity`) and the host that logged it
         values.jsonl  one JSON record per line, appended: {"m": [[key, value, ms, step], ...]},
                       {"p": [[key, text], ...]}, and {"end": status} when the run ended
         sent          how many bytes of values.jsonl the store has acknowledged
@@ -14,7 +15,9 @@ returns the data is the kernel's, and killing the process cannot lose it. A writ
 against SIGKILL, though: the kernel copies page by page and stops at a page boundary, so the kill
 can leave the record in progress cut (its call had not returned). Reading stops there, and
 recovery drops those bytes and says so. A write the disk cannot hold whole is taken back and
-raises: a cut record is never followed by another. The kernel drops the
+raises: a cut record is never followed by another. The kernel's copy survives the process,
+not a power cut: :meth:`RunSpool.sync`, called by the background writer before it reads the
+spool, puts it on the disk (never the caller: ``append`` stays one write). The kernel drops the
 lock when the process dies, however it dies: a spool whose lock can be taken belongs to nobody
 and can be recovered (:func:`.recovery.recover`); a locked one is never touched.
 
@@ -36,10 +39,15 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 import typing as T
 from pathlib import Path
+
+from loguru import logger
+
+from regression_model_template.io.stores import store_identity
 
 __all__ = [
     "Batch",
@@ -82,6 +90,8 @@ class RunSpool:
         self._values_fd = values_fd
         self._guard = threading.Lock()
         self._closed_at: int | None = None  # the size when closed
+        self._synced = 0  # bytes on the disk itself (``sync``); 0: the folder is not yet either
+        self._sync_failed = False
         self.sent = read_sent(folder)  # bytes the store has acknowledged
 
     @property
@@ -92,8 +102,14 @@ class RunSpool:
         return os.fstat(self._values_fd).st_size
 
     @classmethod
-    def create(cls, spool_dir: Path, run_id: str, store: str) -> RunSpool:
+    def create(
+        cls, spool_dir: Path, run_id: str, store: str, identity: str | None = None
+    ) -> RunSpool:
         """Create (or take over) the spool of ``run_id``; ``store`` is the masked store URI.
+
+        ``identity`` is the store's :func:`.stores.store_identity`, computed where the store
+        was opened (a relative SQLite path depends on the working directory); None: that of
+        ``store``, now. ``run.json`` records both, and this host's name.
 
         Raises:
             OSError: the folder cannot be created or written, or another process owns it.
@@ -104,7 +120,13 @@ class RunSpool:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if not (folder / RUN).exists():
-                info = {"run_id": run_id, "store": store, "pid": os.getpid()}
+                info = {
+                    "run_id": run_id,
+                    "store": store,
+                    "store_id": identity if identity is not None else store_identity(store),
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                }
                 _write_atomically(folder / RUN, json.dumps(info))
             values_fd = _open(folder / VALUES, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         except BaseException:
@@ -127,6 +149,37 @@ class RunSpool:
                 os.ftruncate(self._values_fd, size - done)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.folder / VALUES))
             return os.fstat(self._values_fd).st_size
+
+    def sync(self) -> None:
+        """Put what was appended so far on the disk itself (``fdatasync``), to survive a power cut.
+
+        For the background writer, before it reads the spool: never on the caller's path.
+        Costs nothing when nothing was appended since the last call. The first call also makes
+        ``run.json`` and the run's folder durable. A disk that fails it is warned once; the
+        values are still sent from the kernel's copy.
+        """
+        if self._closed_at is not None:
+            return  # released: its descriptor's number may be another file's by now
+        try:
+            size = os.fstat(self._values_fd).st_size
+            if size == self._synced:
+                return
+            os.fdatasync(self._values_fd)
+            if not self._synced:  # once: the run's folder and run.json, then the folder itself
+                _fsync(self.folder / RUN, os.O_RDONLY)
+                _fsync(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+                _fsync(self.folder.parent, os.O_RDONLY | os.O_DIRECTORY)
+            self._synced = size
+        except OSError as exc:
+            if exc.errno == errno.EBADF or self._sync_failed:
+                return  # closed meanwhile by the run's end; or said already
+            self._sync_failed = True
+            logger.warning(
+                "Cannot put the spool {} on the disk ({}): a power cut could lose its unsent "
+                "values (a killed process cannot)",
+                self.folder,
+                exc,
+            )
 
     def mark_sent(self, offset: int) -> None:
         """Record that the store has acknowledged the first ``offset`` bytes."""
@@ -322,6 +375,14 @@ def set_aside(spool_dir: Path, run_id: str, rows: T.Iterable[T.Mapping[str, T.An
 
 def _open(path: Path, flags: int) -> int:
     return os.open(path, flags | os.O_CLOEXEC, 0o600)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "run_link",
     "schema_lock",
     "sqlite_path",
+    "store_identity",
 ]
 
 SERVICE = "MlflowService"
@@ -89,6 +90,68 @@ def sqlite_path(uri: str) -> Path | None:
         return None
     path = uri[len(prefix) :].split("?", 1)[0]
     return Path(path) if path and path != ":memory:" else None
+
+
+# The port a scheme uses when its URI names none: written out, so that both spellings are one.
+_DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+# Query parameters that say where a database is (PostgreSQL's socket folder); the rest are
+# options or credentials.
+_WHERE_PARAMETERS = ("host", "port")
+
+
+def store_identity(uri: str) -> str:
+    """What the store ``uri`` names, the same however the URI is written, without credentials.
+
+    - SQLite: ``sqlite:///`` and the database file's absolute path, symbolic links resolved
+      (a relative path is relative to the working directory, as MLflow reads it);
+    - a tracking server: scheme, host (lower case), port (the scheme's default written out)
+      and path (no trailing ``/``); no user, password, query or fragment;
+    - a database (``postgresql+psycopg2://``, ``mysql://``...): the dialect without its driver,
+      host, port and database, plus a ``host``/``port`` query parameter (a socket folder);
+      no user, password or other query parameter;
+    - a file store (``file:``, a bare path): its folder's absolute ``file://`` URI;
+    - anything else (``databricks``): the URI without user, password, query or fragment.
+
+    Example:
+        >>> store_identity("sqlite:///mlruns/mlflow.db") == (
+        ...     "sqlite:///" + str(Path("mlruns/mlflow.db").resolve())
+        ... )
+        True
+        >>> store_identity("https://bob:pa55@MLflow.example.com/team/")
+        'https://mlflow.example.com:443/team'
+        >>> store_identity("postgresql+psycopg2://bob:pa55@db:5432/mlflow?sslpassword=x")
+        'postgresql://db:5432/mlflow'
+    """
+    try:
+        identity = _identity(uri)
+    except ValueError:  # malformed (check_uri refuses it before any spool is written)
+        identity = uri
+    return redact(identity, uri_secrets(uri))  # whatever masking calls a secret never stays
+
+
+def _identity(uri: str) -> str:
+    path = sqlite_path(uri)
+    if path is not None:
+        return f"sqlite:///{path.resolve()}"
+    parts = urllib.parse.urlsplit(uri)
+    port = parts.port
+    scheme = parts.scheme.lower()
+    if scheme == "" and uri.startswith("databricks"):  # MLflow's names of Databricks stores
+        return uri
+    if scheme in ("", "file"):
+        return Path(parts.path or ".").resolve().as_uri()
+    if scheme == "sqlite":  # in memory (``sqlite://``, ``:memory:``): the process's own
+        return "sqlite://"
+    dialect = scheme.partition("+")[0]
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if host and (port := port or _DEFAULT_PORTS.get(dialect)) is not None:
+        netloc += f":{port}"
+    query = ""
+    if scheme not in ("http", "https"):
+        where = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k in _WHERE_PARAMETERS]
+        query = urllib.parse.urlencode(sorted(where), safe="/")
+    return f"{dialect}://{netloc}{parts.path.rstrip('/')}" + (f"?{query}" if query else "")
 
 
 def ensure_folders(uris: T.Mapping[str, str]) -> None:
