@@ -20,19 +20,18 @@ from mlflow.tracking import MlflowClient
 from regression_model_template.io import spool as spool_files
 from regression_model_template.io.masking import mask_uri
 from regression_model_template.testing import local_mlflow_server, mlflow_globals_restored
-from tests.conftest import LogCapture, recover_command
+from tests.conftest import CHILD_TIMEOUT, LogCapture, recover_command
+from tests.conftest import child_job as _child
+from tests.conftest import wait_until as _wait_until
+from tests.conftest import whole_lines as _lines
 from tests.io.test_spool import (
     _LOGS_UNTIL_KILLED,
-    CHILD_TIMEOUT,
     RunConfig,
-    _child,
     _explain,
     _history,
-    _lines,
     _orphan_spool,
     _service,
     _status,
-    _wait_until,
 )
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
