@@ -5,8 +5,8 @@ refuse there fails the whole batch, long after the line that logged it. So ``log
 ``log_params`` check each value when it is handed over, with the functions MLflow itself
 validates with, and convert it to what the spool and the store take:
 
-- metric names and parameter keys: ``str``, and valid MLflow names (characters, no ``..``,
-  at most 250 characters);
+- metric names and parameter keys: ``str``, and valid MLflow names (letters, digits and
+  ``_-. :/`` only, a path that does not resolve to another name, at most 250 characters);
 - metric values: any number (Python or numpy; what MLflow converts, as MLflow converts it:
   ``float(value)``, a one-element array or tensor by its item) becomes a ``float``; NaN and
   infinities are kept (the store decides how to write them);
