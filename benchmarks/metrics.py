@@ -1,10 +1,15 @@
-"""Metric logging: the service (buffered) vs per-call ``log_metric`` vs one bulk ``log_batch``."""
+"""Metric logging: the service (buffered) vs per-call ``log_metric`` vs one bulk ``log_batch``.
+
+Also what checking each value at the call costs (MLflow's rules, ``io/values.py``): against
+building the rows unchecked, and with every name new against names seen before.
+"""
 
 from __future__ import annotations
 
 import time
+import typing as T
 
-from benchmarks.common import METRICS, Context, Row, Sizes, count_values, median, row
+from benchmarks.common import METRICS, Context, Row, Sizes, count_values, median, row, timed
 from regression_model_template.testing import local_mlflow_server
 
 
@@ -12,6 +17,7 @@ def run(context: Context) -> list[Row]:
     """On SQLite, then (full mode) on a local ``mlflow server``."""
     folder, sizes = context.folder, context.sizes
     rows = bench_metrics(f"sqlite:///{folder}/metrics.db", "sqlite", sizes)
+    rows += bench_checks(sizes)
     if not context.quick:
         with local_mlflow_server(folder) as url:
             rows += bench_metrics(url, "http", sizes)
@@ -21,6 +27,7 @@ def run(context: Context) -> list[Row]:
 def bench_metrics(uri: str, label: str, sizes: Sizes) -> list[Row]:
     """Service (buffered) vs per-call ``mlflow.log_metric`` vs one bulk ``log_batch``."""
     import mlflow
+    import numpy as np
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -45,6 +52,21 @@ def bench_metrics(uri: str, label: str, sizes: Sizes) -> list[Row]:
             stored = count_values(client, run.info.run_id)
             if stored != total:
                 raise AssertionError(f"{label}: {stored} of {total} values stored (service)")
+
+        # the same loop as a numpy training loop writes it: float32 values, int64 steps
+        numpy_costs = []
+        for _ in range(sizes.repeats):
+            numpy_steps = [
+                {k: np.float32(step * 0.5) for k in METRICS} for step in range(sizes.steps)
+            ]
+            with service.run_context(run_config) as run:
+                start = time.perf_counter()
+                for np_step, np_values in zip(np.arange(sizes.steps), numpy_steps, strict=True):
+                    service.log_metrics(np_values, step=np_step)
+                numpy_costs.append((time.perf_counter() - start) / total)
+            stored = count_values(client, run.info.run_id)
+            if stored != total:
+                raise AssertionError(f"{label}: {stored} of {total} values stored (numpy)")
 
         # (b) one bulk log_batch of the same values, 1,000 per call (MLflow's limit)
         bulk_times = []
@@ -75,10 +97,50 @@ def bench_metrics(uri: str, label: str, sizes: Sizes) -> list[Row]:
     goal_speedup = 20 if label == "sqlite" else 100
     return [
         row(f"metrics {label}: caller cost per value", cost * 1e6, "us", None, 10, "<= 10 us"),
+        row(
+            f"metrics {label}: caller cost per value, numpy float32 values and int64 steps",
+            median(numpy_costs) * 1e6, "us", None, 10, "<= 10 us",
+        ),
         row(f"metrics {label}: total incl. flush vs bulk", ours, "s", bulk, 1.5, "<= 1.5x"),
         row(
             f"metrics {label}: per-call log_metric / total (speed-up)",
             per_call, "s", ours, None, f">= {goal_speedup}x",
             speedup_goal=goal_speedup,
+        ),
+    ]  # fmt: skip
+
+
+def bench_checks(sizes: Sizes) -> list[Row]:
+    """A call's rows checked by MLflow's rules vs built unchecked; every name new vs seen."""
+    from regression_model_template.io.values import metric_rows
+
+    total = sizes.steps * len(METRICS)
+    seen = [{k: step * 0.5 for k in METRICS} for step in range(sizes.steps)]
+    new = [{f"{k}_{step}": step * 0.5 for k in METRICS} for step in range(sizes.steps)]
+
+    def unchecked() -> None:  # what log_metrics did before values were checked
+        for step, values in enumerate(seen):
+            _ = [[key, float(value), 0, step] for key, value in values.items()]
+
+    def checked(steps: list[dict[str, float]]) -> T.Callable[[], None]:
+        def build() -> None:
+            known: set[str] = set()  # the writer's names: new for each run
+            for step, values in enumerate(steps):
+                metric_rows(values, step, 0, known)
+
+        return build
+
+    repeats = max(sizes.repeats, 5)  # microseconds: cheap to repeat, noisy otherwise
+    plain = median([timed(unchecked) for _ in range(repeats)]) / total
+    names_seen = median([timed(checked(seen)) for _ in range(repeats)]) / total
+    names_new = median([timed(checked(new)) for _ in range(repeats)]) / total
+    return [
+        row(
+            "metrics: checking a call's values at the call (names seen) vs unchecked float()",
+            names_seen * 1e6, "us", plain * 1e6, None, "(information)",
+        ),
+        row(
+            "metrics: checking at the call, every name new vs names seen (per value)",
+            names_new * 1e6, "us", names_seen * 1e6, None, "(information)",
         ),
     ]  # fmt: skip

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from regression_model_template.io import values
 from regression_model_template.io.errors import ServiceError
 from regression_model_template.io.spool import Batch, RunSpool, read_batch, set_aside
 from regression_model_template.io.uploads import (
@@ -142,6 +143,7 @@ class BatchWriter:
         self._lock = threading.Condition()
         self._spools: dict[str, RunSpool] = {}
         self._owned: set[str] = set()  # runs released by finish_run, not by close
+        self._metric_names: set[str] = set()  # names that passed MLflow's rules: checked once
         self._queued = 0  # values accepted so far
         self._written = 0  # values the store acknowledged so far
         self._held = 0  # values read from a spool, not yet acknowledged
@@ -188,17 +190,32 @@ class BatchWriter:
             return spool
 
     def log_metrics(
-        self, run_id: str, metrics: T.Mapping[str, float], step: int | None = None
+        self,
+        run_id: str,
+        metrics: T.Mapping[str, T.SupportsFloat],
+        step: T.SupportsIndex | None = None,
     ) -> None:
-        """Spool metric values for ``run_id`` (timestamped now, at ``step`` or 0)."""
+        """Spool metric values for ``run_id`` (timestamped now, at ``step`` or 0).
+
+        Checked and converted first (:func:`.values.metric_rows`): floats, integer steps.
+
+        Raises:
+            MlflowException: a name, value or step MLflow would refuse
+                (``INVALID_PARAMETER_VALUE``); nothing of the call is spooled.
+        """
         timestamp = int(time.time() * 1000)
-        step = step or 0
-        rows = [[key, float(value), timestamp, step] for key, value in metrics.items()]
+        rows = values.metric_rows(metrics, step, timestamp, self._metric_names)
         self._append(run_id, {"m": rows}, len(rows))
 
     def log_params(self, run_id: str, params: T.Mapping[str, T.Any]) -> None:
-        """Spool parameters for ``run_id`` (values are written as text, like MLflow does)."""
-        rows = [[key, str(value)] for key, value in params.items()]
+        """Spool parameters for ``run_id`` (values are written as text, like MLflow does).
+
+        Raises:
+            MlflowException: a key MLflow would refuse, or a value over its length limit when
+                MLflow does not cut it (:func:`.values.param_rows`); nothing of the call is
+                spooled.
+        """
+        rows = values.param_rows(params)
         self._append(run_id, {"p": rows}, len(rows))
 
     def end_run(self, run_id: str, status: str) -> None:

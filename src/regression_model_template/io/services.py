@@ -642,6 +642,17 @@ class MlflowService(Service):
     def log_params(self, params: T.Mapping[str, T.Any]) -> None:
         """Log parameters to the active run, through the buffer (see ``log_metrics``).
 
+        Keys are ``str`` and valid MLflow names; values are stored as text (``str(value)``), cut
+        to MLflow's 6,000 characters with a warning, as MLflow does, unless
+        ``MLFLOW_TRUNCATE_LONG_VALUES=false`` (then they are refused).
+
+        Raises:
+            MlflowException: (``INVALID_PARAMETER_VALUE``, what ``mlflow.log_param`` raises) a
+                key that is not a ``str`` or not a valid name, or a value over the limit; the
+                message names the key and MLflow's reason. Nothing of the call is logged.
+            ServiceError: no active run, the service is not started, or earlier values could
+                not be written.
+
         Example:
             >>> import tempfile
             >>> service = MlflowService(tracking_uri=f"sqlite:///{tempfile.mkdtemp()}/m.db")
@@ -653,14 +664,26 @@ class MlflowService(Service):
         started = self._started()
         started.writer.log_params(started.active_run_id(), params)
 
-    def log_metrics(self, metrics: T.Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self, metrics: T.Mapping[str, T.SupportsFloat], step: T.SupportsIndex | None = None
+    ) -> None:
         """Log metrics to the active run, at ``step`` when given: fast, batched, lossless.
 
         Values go to an in-memory buffer that a background thread writes with ``log_batch``;
         they land in the run active in the calling thread (or, from another thread, the run
         most recently started by ``run_context``). Call it freely inside a training loop.
 
+        Takes what ``mlflow.log_metric`` takes, checked by MLflow's own rules at the call:
+        names are ``str`` and valid MLflow names; values are numbers (Python or numpy, a bool,
+        a numeric string, a one-element array or tensor), stored as floats, NaN and infinities
+        included; ``step`` is an integer (``int``, a numpy integer) within 64 bits, stored as
+        an ``int``, 0 when None.
+
         Raises:
+            MlflowException: (``INVALID_PARAMETER_VALUE``, what ``mlflow.log_metric`` raises) a
+                name that is not a ``str`` or not valid, a value that is not a number, a step
+                that is not an integer; the message names the metric and MLflow's reason.
+                Nothing of the call is logged: fix it and call again.
             ServiceError: no active run, the service is not started, or earlier values could
                 not be written.
 
