@@ -357,7 +357,7 @@ class BatchWriter:
         while spool.sent < spool.written:
             if self._abandoned:
                 raise _Abandoned()  # stopped: what is left is for `recover`
-            spool.sync()  # on the disk before it is sent: a power cut loses < one interval
+            spool.sync(self._interval)  # on the disk before it is sent, once an interval
             batch = read_batch(
                 spool.folder, spool.sent, until=spool.written, limit=self._batch_limit
             )
@@ -388,7 +388,7 @@ class BatchWriter:
             with self._lock:
                 spools = list(self._spools.values())
             for waiting in spools:  # an outage can last: what piles up meanwhile goes to disk
-                waiting.sync()
+                waiting.sync(self._interval)
             with self._lock:
                 if not self._abandoned:
                     self._lock.wait(pause)  # woken early by close()

@@ -650,8 +650,7 @@ class MlflowService(Service):
             MlflowException: (``INVALID_PARAMETER_VALUE``, what ``mlflow.log_param`` raises) a
                 key that is not a ``str`` or not a valid name, or a value over the limit; the
                 message names the key and MLflow's reason. Nothing of the call is logged.
-            ServiceError: no active run, the service is not started, or earlier values could
-                not be written.
+            ServiceError: no active run, or the service is not started.
 
         Example:
             >>> import tempfile
@@ -684,8 +683,7 @@ class MlflowService(Service):
                 name that is not a ``str`` or not valid, a value that is not a number, a step
                 that is not an integer; the message names the metric and MLflow's reason.
                 Nothing of the call is logged: fix it and call again.
-            ServiceError: no active run, the service is not started, or earlier values could
-                not be written.
+            ServiceError: no active run, or the service is not started.
 
         Example:
             >>> import tempfile
@@ -830,6 +828,7 @@ class MlflowService(Service):
         return tracking.RunLogOptions(style, size)
 
     def _started(self) -> tracking.TrackingSession:
-        if self._session is None:
+        session = self._session  # read once: a private attribute costs a lookup per read
+        if session is None:
             raise ServiceError("MlflowService", "start", "not started: use `with service:`")
-        return self._session
+        return session

@@ -92,6 +92,7 @@ class RunSpool:
         self._closed_at: int | None = None  # the size when closed
         self._synced = 0  # bytes on the disk itself (``sync``); 0: the folder is not yet either
         self._sync_failed = False
+        self._synced_at = -float("inf")  # time.monotonic() of the last sync
         self.sent = read_sent(folder)  # bytes the store has acknowledged
 
     @property
@@ -135,35 +136,40 @@ class RunSpool:
         return cls(folder, lock_fd, values_fd)
 
     def append(self, record: T.Mapping[str, T.Any]) -> int:
-        """Append one record; return the spool's size in bytes once it is the kernel's.
+        """Append one record; return its size in bytes once it is the kernel's.
 
         Raises:
             OSError: the record could not be written whole (a full disk: ``ENOSPC``); the
                 spool is as it was before the call.
         """
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        line = (_encode(record) + "\n").encode()
         with self._guard:
             done = os.write(self._values_fd, line)
             if done < len(line):  # the disk took part of it: take that back
                 size = os.fstat(self._values_fd).st_size
                 os.ftruncate(self._values_fd, size - done)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.folder / VALUES))
-            return os.fstat(self._values_fd).st_size
+            return done
 
-    def sync(self) -> None:
+    def sync(self, every: float = 0.0) -> None:
         """Put what was appended so far on the disk itself (``fdatasync``), to survive a power cut.
 
         For the background writer, before it reads the spool: never on the caller's path.
-        Costs nothing when nothing was appended since the last call. The first call also makes
+        Costs nothing when nothing was appended since the last call, or when the last sync is
+        less than ``every`` seconds old (an append to a page on its way to the disk waits for
+        it: syncing each batch of a backlog would slow the training loop). The first call makes
         ``run.json`` and the run's folder durable. A disk that fails it is warned once; the
         values are still sent from the kernel's copy.
         """
         if self._closed_at is not None:
             return  # released: its descriptor's number may be another file's by now
+        if time.monotonic() - self._synced_at < every:
+            return
         try:
             size = os.fstat(self._values_fd).st_size
             if size == self._synced:
                 return
+            self._synced_at = time.monotonic()
             os.fdatasync(self._values_fd)
             if not self._synced:  # once: the run's folder and run.json, then the folder itself
                 _fsync(self.folder / RUN, os.O_RDONLY)
@@ -200,6 +206,9 @@ class RunSpool:
             os.close(self._values_fd)
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)  # the lock goes with the descriptor
+
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: not one per record
 
 
 def read_sent(folder: Path) -> int:
