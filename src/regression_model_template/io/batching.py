@@ -40,6 +40,7 @@ from regression_model_template.io.spool import Batch, RunSpool, read_batch, set_
 from regression_model_template.io.uploads import (
     MAX_METRICS_PER_BATCH,
     Refusal,
+    Refused,
     Uploaders,
     deliver,
     describe_refusals,
@@ -151,7 +152,7 @@ class BatchWriter:
         self._kick = False  # a batch's worth is waiting: write now
         self._closed = False  # no more values
         self._abandoned = False  # closed with values the store did not take: leave them
-        self._refused: dict[str, _Refused] = {}  # per run: what the store refused for good
+        self._refused: dict[str, Refused] = {}  # per run: what the store refused for good
         self._unreachable: str | None = None  # why the store cannot be reached, while it cannot
         self._sending_since: float | None = None  # when the write in progress began
         self._thread = threading.Thread(target=self._run, name="mlflow-batch-writer", daemon=True)
@@ -406,13 +407,11 @@ class BatchWriter:
     def _set_aside(self, run_id: str, refusals: list[Refusal]) -> None:
         """Keep what the store refused out of the run's spool; warn now, report at the end."""
         try:
-            where: object = set_aside(
-                self.spool_dir, run_id, ({"row": r.row, "reason": r.reason} for r in refusals)
-            )
+            where: object = set_aside(self.spool_dir, run_id, (r.record for r in refusals))
         except OSError as exc:
             where = f"nowhere ({exc})"
         with self._lock:
-            refused = self._refused.setdefault(run_id, _Refused())
+            refused = self._refused.setdefault(run_id, Refused())
             refused.add(refusals, where)
         logger.warning(
             "The tracking store refused values of run {}; its other values are written: {}",
@@ -469,25 +468,6 @@ class BatchWriter:
             waiting,
             self.spool_dir,
         )
-
-
-class _Refused:
-    """What the store refused of one run: how many values, the first few, where they went."""
-
-    KEPT = 100  # examples kept in memory: a run the store stopped taking refuses everything
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.examples: list[Refusal] = []
-        self.where: object = ""
-
-    def add(self, refusals: list[Refusal], where: object) -> None:
-        self.count += len(refusals)
-        self.examples += refusals[: self.KEPT - len(self.examples)]
-        self.where = where
-
-    def describe(self) -> str:
-        return describe_refusals(self.examples, self.where, total=self.count)
 
 
 class _Abandoned(Exception):

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from regression_model_template.io import run_logs, stores
 from regression_model_template.io import spool as _spool
-from regression_model_template.io.uploads import Refusal, deliver, describe_refusals, failure
+from regression_model_template.io.uploads import Refused, deliver, failure
 
 if T.TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -163,13 +163,12 @@ def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], s
     run_id, status, sent = folder.name, "KILLED", 0
     damage: list[str] = []
     cut: list[int] = []
-    refused: list[Refusal] = []
+    refused = Refused()
     offset = _spool.read_sent(folder)
     log_bytes = None
 
     def report(status: str | None, waiting: str | None) -> Recovered:
         # the damage is met again by the read that finds nothing more: report it once
-        where = folder.parent / _spool.REFUSED / f"{run_id}.jsonl"
         return Recovered(
             run_id,
             sent,
@@ -179,23 +178,22 @@ def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], s
             folder,
             log_bytes,
             max(cut, default=0),
-            redact(describe_refusals(refused, where)) if refused else None,
+            redact(refused.describe()) if refused.count else None,
         )
 
     try:
         while (batch := _spool.read_batch(folder, offset, damage=damage, cut=cut)).end > offset:
             refusals = deliver(client, run_id, batch, wait=_give_up)
             if refusals:
-                rows = ({"row": r.row, "reason": r.reason} for r in refusals)
-                _spool.set_aside(folder.parent, run_id, rows)
-                refused += refusals
+                where = _spool.set_aside(folder.parent, run_id, (r.record for r in refusals))
+                refused.add(refusals, where)
             _spool.write_sent(folder, batch.end)
             sent += batch.values - len(refusals)
             offset, status = batch.end, batch.status or status
         log_bytes = run_logs.upload(client, run_id, folder)
         run = client.get_run(run_id)
         if run.info.status in ("RUNNING", "SCHEDULED"):
-            status = "FAILED" if refused and status == "FINISHED" else status
+            status = "FAILED" if refused.count and status == "FINISHED" else status
             client.set_terminated(run_id, status)
         else:
             status = run.info.status  # it had ended already: keep what the store says

@@ -51,6 +51,7 @@ __all__ = [
     "MAX_PARAMS_PER_BATCH",
     "Chunk",
     "Refusal",
+    "Refused",
     "Uploaders",
     "chunks",
     "deliver",
@@ -134,6 +135,39 @@ class Refusal(T.NamedTuple):
         """The metric's or parameter's name."""
         return str(self.row[0])
 
+    @property
+    def record(self) -> dict[str, T.Any]:
+        """What is set aside for a person to read: the row and the store's reason."""
+        return {"row": self.row, "reason": self.reason}
+
+
+class Refused:
+    """What the store refused of one run: how many values, the first few, where they went.
+
+    Example:
+        >>> refused = Refused()
+        >>> refused.add([Refusal("p", ["alpha", "2"], "INVALID_PARAMETER_VALUE", "changed")], "f")
+        >>> refused.count, refused.describe()
+        (1, "1 value(s) refused by the store, set aside in f: param 'alpha' (changed)")
+    """
+
+    KEPT = 100  # examples kept in memory: a run the store stopped taking refuses everything
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.examples: list[Refusal] = []
+        self.where: object = ""
+
+    def add(self, refusals: T.Sequence[Refusal], where: object) -> None:
+        """Count ``refusals``, set aside in ``where``."""
+        self.count += len(refusals)
+        self.examples += refusals[: self.KEPT - len(self.examples)]
+        self.where = where
+
+    def describe(self) -> str:
+        """One sentence for a person (:func:`describe_refusals`)."""
+        return describe_refusals(self.examples, self.where, total=self.count)
+
 
 def chunks(batch: Batch) -> list[Chunk]:
     """The ``log_batch`` calls that write ``batch``, each within MLflow's limits per call."""
@@ -173,7 +207,7 @@ def deliver(
         run: runs the calls of a round, returning each one's error or None (default: one
             after the other, in this thread; :meth:`Uploaders.run` runs them at once).
     """
-    run = run or _one_by_one
+    run = run or Uploaders(1).run  # no helper thread: one call after the other, here
     pending, refused = chunks(batch), []
     while pending:
         errors = run([functools.partial(chunk.send, client, run_id) for chunk in pending])
@@ -232,18 +266,6 @@ def describe_refusals(
 
 def _code(error: BaseException) -> str | None:
     return getattr(error, "error_code", None)
-
-
-def _one_by_one(calls: T.Sequence[T.Callable[[], T.Any]]) -> list[Exception | None]:
-    errors: list[Exception | None] = []
-    for call in calls:
-        try:
-            call()
-        except Exception as exc:
-            errors.append(exc)
-        else:
-            errors.append(None)
-    return errors
 
 
 class Uploaders:
