@@ -6,6 +6,7 @@ Commands:
     config schema  the JSON schema of the configuration
     check        start each service and report what works (--alert: send a test alert)
     recover      send what killed jobs left in the spool, and end their runs
+    reap         end KILLED the runs whose heartbeat stopped (their machine is gone)
     server       the team's tracking stack in the foreground: PostgreSQL and mlflow server
 
 Exit codes: 0 success, 1 a job or a check failed, 2 bad command-line input or configuration.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import sys
 import time
@@ -93,6 +95,19 @@ def _parser() -> argparse.ArgumentParser:
         "other hosts sharing the spool folder are left alone, as this host cannot tell whether "
         "their jobs still run; name a host only when its jobs are dead",
     )
+    reap = commands.add_parser(
+        "reap",
+        parents=[settings],
+        help="end KILLED the runs whose heartbeat stopped (jobs whose machine is gone)",
+    )
+    reap.add_argument(
+        "--stale-after",
+        type=float,
+        required=True,
+        metavar="SECONDS",
+        help="end the RUNNING runs not heard from for SECONDS (keep it well above "
+        "mlflow.heartbeat_interval); runs without a heartbeat are never touched",
+    )
     server = commands.add_parser(
         "server",
         help="run PostgreSQL and an mlflow server on 127.0.0.1 until Ctrl-C (make server)",
@@ -106,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--workers", type=int, default=2, help="mlflow server processes (2; see the README)"
+    )
+    server.add_argument(
+        "--reap-after",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="end KILLED the runs whose heartbeat is older than SECONDS, as `reap` does "
+        "(300; 0 turns the stack's reaper off)",
     )
     check = commands.add_parser("check", parents=[settings], help="start each service, report")
     check.add_argument(
@@ -131,8 +154,12 @@ def main(argv: T.Sequence[str] | None = None) -> int:
     try:
         if args.command == "config" and args.config_command == "schema":
             return _schema()
+        if args.command == "reap" and not 0 < args.stale_after < math.inf:
+            raise UsageError(
+                f"--stale-after must be more than 0 seconds (got {args.stale_after:g})"
+            )
         if args.command == "server":
-            return _serve(args.folder, args.port, args.workers)
+            return _serve(args.folder, args.port, args.workers, args.reap_after)
         container = _container(args.profile, args.overrides)
         if args.command == "config":
             return _show(container)
@@ -140,6 +167,8 @@ def main(argv: T.Sequence[str] | None = None) -> int:
             return _check(container, send_alert=args.alert)
         if args.command == "recover":
             return _recover(container, args.hosts)
+        if args.command == "reap":
+            return _reap(container, args.stale_after)
         return _run(args.job, container)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -281,6 +310,29 @@ def _recover(container: Container, hosts: T.Sequence[str]) -> int:
     return 1 if any(report.waiting or report.refused for report in reports) else 0
 
 
+def _reap(container: Container, stale_after: float) -> int:
+    """End the runs whose heartbeat is older than ``stale_after``: one line each; exit 0."""
+    from regression_model_template.io import reaper, stores
+    from regression_model_template.io.errors import translated_errors
+    from regression_model_template.io.services import ServiceError
+
+    service = container.mlflow_service()
+    what = f"cannot reap runs in {service.redact(service.tracking_uri)}"
+    try:
+        stores.probe_server(service.tracking_uri, service.connect_timeout)
+        with translated_errors("MlflowService", "tracking_uri", what, service.secrets()):
+            reaped = reaper.reap(service.client(), stale_after)
+    except ServiceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for run in reaped:
+        print(run.describe())
+    if not reaped:
+        heard = f"every RUNNING run with a heartbeat was heard within {stale_after:g} s"
+        print(f"nothing to reap: {heard}")
+    return 0
+
+
 def _check_logger(service: T.Any) -> str:
     service.logger().debug("check: the log sink is writable")
     return f"ok: writing to {service.sink}"
@@ -317,30 +369,39 @@ def _check_mlflow(service: T.Any) -> str:
     return f"ok: tracking store {service.redact(service.tracking_uri)} is reachable and writable"
 
 
-def _serve(folder: str, port: int, workers: int) -> int:
+def _serve(folder: str, port: int, workers: int, reap_after: float) -> int:
     """Run the team stack until Ctrl-C or SIGTERM, or until the server stops answering."""
     import signal
     from pathlib import Path
 
-    from regression_model_template.io import team_server
+    from regression_model_template.io import reaper, team_server
     from regression_model_template.io.stop_signals import Terminated, stop_once
 
     if not 0 < port < 65536 or workers < 1:
         raise UsageError(f"--port must be 1-65535 and --workers at least 1 (got {port}, {workers})")
+    if not 0 <= reap_after < math.inf:
+        raise UsageError(f"--reap-after must be 0 (off) or more seconds (got {reap_after:g})")
     print(f"starting PostgreSQL and mlflow server in {folder}/ ...", flush=True)
     try:
         # A second Ctrl-C (or a supervisor's repeated SIGTERM) must not cut the stop short:
         # that would leave the server's processes behind. stop_once ignores it.
         with (
             stop_once(signal.SIGINT, signal.SIGTERM),
-            team_server.team_server(Path(folder), port, workers) as stack,
+            team_server.team_server(Path(folder), port, workers, reap_after=reap_after) as stack,
         ):
             outside = stack.cluster.parent != Path(folder).absolute()
+            reaping = (
+                f"reaper: runs whose heartbeat is older than {reap_after:g} s are ended KILLED "
+                f"(checked every {reaper.period(reap_after):g} s)"
+                if reap_after
+                else "reaper: off (--reap-after 0); `reap --stale-after SECONDS` ends stale runs"
+            )
             moved = f" (the postgres user could not reach {folder}/)" if outside else ""
             print(
                 f"tracking server ready: {stack.url} (database {stack.database})\n"
                 f"  PostgreSQL cluster in {stack.cluster}/{moved}\n"
                 f"  MLFLOW_TRACKING_URI={stack.url} {PROG} run training --profile server\n"
+                f"  {reaping}\n"
                 "Ctrl-C stops it.",
                 flush=True,
             )

@@ -36,6 +36,7 @@ from loguru import logger
 
 from regression_model_template.io import values
 from regression_model_template.io.errors import ServiceError
+from regression_model_template.io.reaper import HEARTBEAT
 from regression_model_template.io.spool import Batch, RunSpool, read_batch, set_aside
 from regression_model_template.io.uploads import (
     MAX_METRICS_PER_BATCH,
@@ -95,6 +96,9 @@ class BatchWriter:
             being unreachable (warned once, with the number of values waiting).
         uploads: ``log_batch`` calls in flight at once (1: one at a time). More than one
             helps a tracking server with several workers; a database store gets one.
+        heartbeat: seconds between two heartbeats of each owned run not yet ended: the tag
+            ``rmt.heartbeat`` (:mod:`.reaper`) set to the time (None: no heartbeat). A beat
+            that fails is dropped: the next one comes ``heartbeat`` seconds later.
 
     Raises:
         ServiceError: a run's spool folder cannot be created or written (``mlflow.spool_dir``).
@@ -127,6 +131,7 @@ class BatchWriter:
         exit_timeout: float = 60.0,
         slow_after: float = 10.0,
         uploads: int = 1,
+        heartbeat: float | None = None,
     ) -> None:
         self._client = client
         self.spool_dir = Path(spool_dir)
@@ -155,6 +160,9 @@ class BatchWriter:
         self._refused: dict[str, Refused] = {}  # per run: what the store refused for good
         self._unreachable: str | None = None  # why the store cannot be reached, while it cannot
         self._sending_since: float | None = None  # when the write in progress began
+        self._heartbeat = heartbeat
+        self._next_beat = time.monotonic() + (heartbeat or 0.0)  # the run's start set the first
+        self._ended: set[str] = set()  # owned runs whose end is recorded: no more heartbeats
         self._thread = threading.Thread(target=self._run, name="mlflow-batch-writer", daemon=True)
         self._thread.start()
         # Started now, not per write: Python 3.12 refuses new threads once the interpreter
@@ -221,6 +229,8 @@ class BatchWriter:
 
     def end_run(self, run_id: str, status: str) -> None:
         """Record the status the run ends with (``recover`` applies it if the process dies)."""
+        with self._lock:
+            self._ended.add(run_id)  # its heartbeat stops
         self._append(run_id, {"end": status}, 0)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -269,6 +279,7 @@ class BatchWriter:
         with self._lock:
             spool = self._spools.pop(run_id, None)
             self._owned.discard(run_id)
+            self._ended.discard(run_id)
             self._refused.pop(run_id, None)  # its owner has reported them
         if spool is None:
             return None
@@ -339,11 +350,14 @@ class BatchWriter:
                         if self._behind():
                             break
                         deadline, remaining = time.monotonic() + self._interval, self._interval
-                    self._lock.wait(remaining)
+                    if (beat := self._until_beat()) <= 0:
+                        break
+                    self._lock.wait(min(remaining, beat))
                 if self._abandoned or (self._closed and not self._behind()):
                     return
                 self._urgent = self._kick = False
                 spools = list(self._spools.values())
+            self._beat()
             try:
                 for spool in spools:
                     self._ship(spool)
@@ -380,6 +394,7 @@ class BatchWriter:
 
     def _send(self, spool: RunSpool, batch: Batch) -> list[Refusal]:
         """Write ``batch``, for as long as it takes; return what the store refused for good."""
+        self._beat()  # a backlog that takes long to send must not silence the heartbeat
         pause = self._backoff
 
         def wait(error: Exception, refused: bool) -> None:
@@ -403,6 +418,36 @@ class BatchWriter:
         if was is not None:
             logger.info("The tracking store is reachable again: sending the spooled values")
         return refusals
+
+    def _beating(self) -> list[str]:
+        """The runs that have a heartbeat: owned, and their end not recorded yet (under lock)."""
+        return [r for r in self._owned if r in self._spools and r not in self._ended]
+
+    def _until_beat(self) -> float:
+        """Seconds until the next heartbeat is due (under lock; infinite: none to send)."""
+        if self._heartbeat is None or not self._beating():
+            return float("inf")
+        return self._next_beat - time.monotonic()
+
+    def _beat(self) -> None:
+        """Set the heartbeat tag of each beating run, when due; a failure is only logged.
+
+        Timed like a write (a hanging store is warned about), skipped while the store is
+        known to be unreachable (the values' retries say so already).
+        """
+        with self._lock:
+            if self._until_beat() > 0:
+                return
+            self._next_beat = time.monotonic() + T.cast(float, self._heartbeat)
+            runs = [] if self._unreachable is not None else self._beating()
+        if not runs:
+            return
+        now = str(int(time.time() * 1000))
+        calls = [functools.partial(self._client.set_tag, r, HEARTBEAT, now) for r in runs]
+        for run_id, error in zip(runs, self._attempt(calls), strict=True):
+            if error is not None:
+                cause = self._redact(failure(error))
+                logger.debug("The heartbeat of run {} was not recorded: {}", run_id, cause)
 
     def _set_aside(self, run_id: str, refusals: list[Refusal]) -> None:
         """Keep what the store refused out of the run's spool; warn now, report at the end."""

@@ -437,6 +437,10 @@ class MlflowService(Service):
             ``mlflow_run_id``) either way.
         capture_log_max_bytes: the size cap of a run's log: past it the first and the last
             part are kept, with a line saying how much was cut between them.
+        heartbeat_interval: seconds between two heartbeats of an open run: the background
+            writer sets the run's tag ``rmt.heartbeat`` to the time, until the run ends. A
+            reaper (``regression-model-template reap``, the team stack's) ends KILLED the runs
+            whose heartbeat is older than its ``--stale-after``: keep this well below that.
         autolog_disable: turn MLflow's autologging off.
         autolog_disable_for_unsupported_versions: skip autolog for untested library versions.
         autolog_exclusive: autolog only into runs that autolog creates itself.
@@ -492,6 +496,7 @@ class MlflowService(Service):
     parallel_uploads: int = pydantic.Field(default=2, ge=1, le=16)
     capture_log: bool = True
     capture_log_max_bytes: int = pydantic.Field(default=5_000_000, ge=10_000)
+    heartbeat_interval: float = pydantic.Field(default=30.0, gt=0)
     autolog_disable: bool = False
     autolog_disable_for_unsupported_versions: bool = False
     autolog_exclusive: bool = False
@@ -563,6 +568,7 @@ class MlflowService(Service):
                 "interval": self.flush_interval,
                 "retries": self.write_retries,
                 "uploads": self.parallel_uploads if stores.is_server(self.tracking_uri) else 1,
+                "heartbeat": self.heartbeat_interval,
             },
             redact=self.redact,
             errors=self._errors,

@@ -415,16 +415,30 @@ class TeamServer(T.NamedTuple):
     cluster: Path
 
 
+def _said(line: str) -> None:
+    print(line, flush=True)
+
+
 @contextlib.contextmanager
-def team_server(folder: Path, port: int = 5000, workers: int = 2) -> T.Iterator[TeamServer]:
-    """PostgreSQL and ``mlflow server`` on ``port``, for the block.
+def team_server(
+    folder: Path,
+    port: int = 5000,
+    workers: int = 2,
+    reap_after: float = 300.0,
+    report: T.Callable[[str], None] = _said,
+) -> T.Iterator[TeamServer]:
+    """PostgreSQL and ``mlflow server`` on ``port``, and its reaper, for the block.
 
     The cluster is in ``folder/postgres``, or where :func:`cluster_folder` puts it when the
     ``postgres`` user cannot reach ``folder``. Artifacts go to ``folder/artifacts``, the
     server's output to ``folder/server.log``. All are kept between runs; both processes stop
     when the block ends. ``workers``: see the README's "A tracking server for the team" (2
-    suits a 2-core machine).
+    suits a 2-core machine). ``reap_after``: the runs whose heartbeat is older than this many
+    seconds are ended KILLED (:func:`.reaper.reaping`; 0: no reaper), each told to ``report``
+    in a line (default: printed).
     """
+    from regression_model_template.io import reaper
+
     folder = Path(folder).absolute()
     cluster = cluster_folder(folder)
     with (
@@ -438,6 +452,7 @@ def team_server(folder: Path, port: int = 5000, workers: int = 2) -> T.Iterator[
             output=folder / "server.log",
             options=GUNICORN,
         ) as url,
+        reaper.reaping(url, reap_after, report) if reap_after else contextlib.nullcontext(),
     ):
         yield TeamServer(url, database, cluster)
 

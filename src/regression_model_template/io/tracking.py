@@ -21,13 +21,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 import typing as T
 
 from loguru import logger
 
-from regression_model_template.io import run_logs, stores
+from regression_model_template.io import reaper, run_logs, stores
 from regression_model_template.io.batching import StoreUnreachable, WriteError
 from regression_model_template.io.errors import ServiceError
+from regression_model_template.io.reaper import HEARTBEAT, REAPED, RETURNED
 from regression_model_template.io.stop_signals import Terminated, stop_once
 
 if T.TYPE_CHECKING:
@@ -158,8 +160,10 @@ class TrackingSession:
         """``mlflow.start_run(**start_run)``, nested when a run is active; end it by its outcome."""
         import mlflow
 
+        # The first heartbeat goes with the start: a job killed in its first seconds has one.
+        tags = {**(start_run.pop("tags", None) or {}), HEARTBEAT: str(int(time.time() * 1000))}
         with self._errors("tracking_uri", f"cannot start a run on {self._store}"):
-            run = mlflow.start_run(nested=mlflow.active_run() is not None, **start_run)
+            run = mlflow.start_run(nested=mlflow.active_run() is not None, tags=tags, **start_run)
         self._open.append(run.info.run_id)
         self.last_run_id = run.info.run_id
         try:
@@ -295,12 +299,26 @@ class TrackingSession:
                 try:
                     self._end(run_id, status)
                     ended = True
+                    self._note_return(run_id, status)
                 finally:  # a status or a log that did not reach the store stays in the spool
                     self.writer.finish_run(run_id, keep=not (ended and uploaded))
         if problem is not None:
             if error is None:
                 raise problem
             error.add_note(str(problem))
+
+    def _note_return(self, run_id: str, status: str) -> None:
+        """Tag a run the reaper had ended (its job was silent) with its job's own end."""
+        if self._client is None:
+            return
+        try:
+            if REAPED not in self._client.get_run(run_id).data.tags:
+                return
+            when = reaper.stamp(time.time())
+            said = f"its job came back after the reaper ended it, and ended it {status} at {when}"
+            self._client.set_tag(run_id, RETURNED, said)
+        except Exception as exc:  # only a note: the run has ended with its status
+            logger.debug("Run {}: the reaped run's return was not tagged: {}", run_id, exc)
 
     def _end(self, run_id: str, status: str, quick: bool = False) -> bool:
         """End ``run_id`` if it is the active run; return whether the store took the status.
