@@ -511,3 +511,49 @@ def test_server_with_an_impossible_port_or_workers_exits_2_naming_them(
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: --port must be 1-65535 and --workers at least 1")
     assert not (tmp_path / "stack").exists()  # nothing was started
+
+
+# %% reap
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (["--stale-after", "0"], "error: --stale-after must be more than 0 seconds (got 0)"),
+        (["--stale-after", "-5"], "error: --stale-after must be more than 0 seconds (got -5)"),
+        (["--stale-after", "inf"], "error: --stale-after must be more than 0 seconds (got inf)"),
+        (["--stale-after", "soon"], "argument --stale-after: invalid float value: 'soon'"),
+        ([], "the following arguments are required: --stale-after"),
+    ],
+    ids=["zero", "negative", "infinite", "not-a-number", "missing"],
+)
+def test_reap_with_a_bad_stale_after_exits_2_naming_it(
+    tmp_path: Path, option: list[str], expected: str
+) -> None:
+    result = _cli(tmp_path, "reap", *option)
+
+    assert result.returncode == 2, result.stderr
+    assert expected in _last_line(result.stderr)
+    assert result.stdout == ""
+    assert not (tmp_path / "mlruns").exists()  # no store was opened
+
+
+def test_reap_exits_1_naming_the_store_when_the_server_does_not_answer(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+
+    result = _cli(tmp_path, "reap", "--stale-after", "60", MLFLOW_TRACKING_URI=uri)
+
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(
+        f"error: MlflowService.tracking_uri: no answer from the tracking server {uri} within "
+    )
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_server_with_a_negative_reap_after_exits_2_naming_it(tmp_path: Path, value: str) -> None:
+    result = _cli(tmp_path, "server", "--folder", str(tmp_path / "stack"), "--reap-after", value)
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: --reap-after must be 0 (off) or more seconds")
+    assert not (tmp_path / "stack").exists()  # nothing was started
