@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: import this folder as the pack
 from benchmarks import (
     alerts,
     cold_start,
+    heartbeat,
     injection,
     job,
     lifecycle,
@@ -42,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 #: Group name (for --only) -> its benchmarks, in the order of the table.
 GROUPS: dict[str, T.Callable[[Context], list[Row]]] = {
     "metrics": metrics.run,
+    "heartbeat": heartbeat.run,
     "outage": outage.run,
     "team": team.run,
     "job": job.run,
