@@ -29,8 +29,8 @@ def test_quick_benchmarks_run_and_write_the_table(tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.stderr[-2000:]
     table = output.read_text()
-    for name in ("metrics sqlite", "job overhead", "injection", "lifecycle", "logging", "alerts",
-                 "cold start"):  # fmt: skip
+    for name in ("metrics sqlite", "heartbeat", "job overhead", "injection", "lifecycle",
+                 "logging", "alerts", "cold start"):  # fmt: skip
         assert f"| {name}" in table
 
 
