@@ -1,4 +1,4 @@
-"""A tracking store that hangs: connections accepted, nothing answered (a partition, a wedged server).
+"""A tracking store that hangs: connections accepted, never answered (partition, wedged server).
 
 The session's ``mlflow server`` sits behind the recording proxy, which the tests make hang
 (:meth:`RecordingProxy.hang`) and release. The jobs are child processes: what a user would see is
