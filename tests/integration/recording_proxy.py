@@ -10,7 +10,10 @@ calls before they reach the server:
   flight at once (or a bounded wait passes): overlap becomes a fact the test observes;
 - :meth:`RecordingProxy.hold_call`: one call (the first to come once a condition holds) is held
   until the test forwards it or drops it (the store never receives it), e.g. while the test
-  kills the client.
+  kills the client;
+- :meth:`RecordingProxy.hang`: every request, whatever its path, is read and never answered
+  until :meth:`RecordingProxy.release` (a wedged server, a partition: connections are accepted,
+  nothing comes back).
 
 The proxy is a test tool at the network boundary: the code under test only sees a URL.
 
@@ -136,6 +139,10 @@ class RecordingProxy:
         self._hold_timeout = 0.0  # ...or this many seconds passed
         self._held: list[HeldCall] = []
         self._refusing: int | None = None  # the HTTP status log-batch calls get instead
+        self._hanging = False  # every request waits for release() (hang())
+        self._released = 0  # release() calls so far: a request held before one is let go
+        self._drop_held = False  # what the last release() did with the held requests
+        self.hung = 0  # requests held by hang() so far
         self._closed = False
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -151,6 +158,8 @@ class RecordingProxy:
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             self._closed = True
+            self._hanging, self._drop_held = False, True
+            self._released += 1
             for held in self._held:
                 held.drop()
             self._lock.notify_all()
@@ -179,6 +188,22 @@ class RecordingProxy:
         credentials expired does) instead of forwarding them; None: forward them again."""
         with self._lock:
             self._refusing = status
+
+    def hang(self) -> None:
+        """From now on, read every request and answer none, until :meth:`release`."""
+        with self._lock:
+            self._hanging = True
+
+    def release(self, drop: bool = False) -> None:
+        """Answer requests again; the held ones go on to the server, as after SIGCONT.
+
+        ``drop``: close the held requests' connections without an answer instead (the server
+        never receives them), as when a wedged server is restarted.
+        """
+        with self._lock:
+            self._hanging, self._drop_held = False, drop
+            self._released += 1
+            self._lock.notify_all()
 
     def reset_max_in_flight(self) -> None:
         """Count the most calls in flight at once from now."""
@@ -239,6 +264,9 @@ class RecordingProxy:
 
             def _any(self) -> None:
                 body = _read_body(self)
+                if not proxy._wait_while_hanging():
+                    self.close_connection = True  # dropped: no answer at all
+                    return
                 if urllib.parse.urlsplit(self.path).path == LOG_BATCH and self.command == "POST":
                     proxy._log_batch(self, body)
                 else:
@@ -283,6 +311,18 @@ class RecordingProxy:
                 call.ended = time.monotonic()
                 self.in_flight -= 1
                 self._lock.notify_all()
+
+    def _wait_while_hanging(self) -> bool:
+        """Hold the request while the proxy hangs; False: drop it (never answered)."""
+        with self._lock:
+            if not self._hanging:
+                return True
+            self.hung += 1
+            released = self._released
+            self._lock.notify_all()
+            while self._released == released:
+                self._lock.wait()
+            return not self._drop_held
 
     def _wait_for_company(self) -> None:
         with self._lock:

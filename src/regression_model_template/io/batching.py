@@ -290,10 +290,14 @@ class BatchWriter:
     def close(self, timeout: float | None = None) -> None:
         """Flush, stop the background thread, release the spools. Closing twice is harmless.
 
+        ``timeout`` bounds the whole close: a writer thread still inside a call to a store that
+        does not answer is left behind (a daemon thread: it does not hold the process's exit).
+
         Raises:
             WriteError: values could not be written (they stay in the spool), or the store
                 refused values of runs nobody else reports (they are set aside).
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             if not self._closed:
                 self.flush(timeout)
@@ -306,7 +310,8 @@ class BatchWriter:
             with self._lock:
                 self._closed = self._abandoned = True  # what is left stays in the spool
                 self._lock.notify_all()
-            self._thread.join(1.0)
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            self._thread.join(min(1.0, max(0.0, left)))
             self._uploads.close()
             for run_id in [r for r in list(self._spools) if r not in self._owned]:
                 self.finish_run(run_id)

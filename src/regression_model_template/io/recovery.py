@@ -160,11 +160,14 @@ def _of_store(
 
 
 def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], str]) -> Recovered:
-    run_id, status, sent = folder.name, "KILLED", 0
+    run_id, sent = folder.name, 0
     damage: list[str] = []
     cut: list[int] = []
     refused = Refused()
     offset = _spool.read_sent(folder)
+    # The end is recorded after the last values: it can be sent with them while the status
+    # itself did not reach the store (a store that stopped answering just then).
+    status = _sent_status(folder, offset) or "KILLED"
     log_bytes = None
 
     def report(status: str | None, waiting: str | None) -> Recovered:
@@ -201,6 +204,16 @@ def _recover_run(folder: Path, client: MlflowClient, redact: T.Callable[[str], s
         return report(None, redact(failure(exc)))
     shutil.rmtree(folder, ignore_errors=True)
     return report(status, None)
+
+
+def _sent_status(folder: Path, sent: int) -> str | None:
+    """The end status recorded in the part of the spool already sent (None: none there)."""
+    status = None
+    for position, record in _spool.read_records(folder, 0):
+        if position > sent:
+            break
+        status = record.get("end", status)
+    return status
 
 
 def _give_up(error: Exception, refused: bool) -> None:

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import time
@@ -85,6 +86,7 @@ class TrackingSession:
         self._run_log = run_log
         self._redact = redact
         self._open: list[str] = []
+        self._gave_up: float | None = None  # the deadline of the last end the store missed
         self.experiment_id = ""  # the experiment runs are started in
         self.last_run_id: str | None = None  # the run started most recently
 
@@ -194,13 +196,17 @@ class TrackingSession:
                 ) from exc
         run_logs.router.open(run_id, log, options.style)
 
-    def _upload_log(self, run_id: str) -> bool:
-        """Upload the run's log from its spool folder; False: it stays there, for ``recover``."""
+    def _upload_log(self, run_id: str, deadline: float) -> bool:
+        """Upload the run's log from its spool folder; False: it stays there, for ``recover``.
+
+        One try, which waits until ``deadline`` (at least a second).
+        """
         if self._client is None:
             return True
         folder = self.writer.spool_dir / run_id
         try:
-            run_logs.upload(self._client, run_id, folder)
+            with _http_until(deadline):
+                run_logs.upload(self._client, run_id, folder)
         except Exception as exc:
             cause = self._redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
             fate = f"it waits in {folder}; `regression-model-template recover` uploads it"
@@ -222,30 +228,36 @@ class TrackingSession:
     def close(self) -> None:
         """Write spooled values, end runs left open KILLED, restore the process's state.
 
+        Waits at most ``end_timeout`` in all, and no more once an end of a run found the store
+        not answering (that end's time is spent).
+
         Raises:
             ServiceError: values could not be written (they are kept in the spool).
         """
+        deadline = time.monotonic() + self._end_timeout
+        if self._gave_up is not None:
+            deadline = min(deadline, self._gave_up)
         for run_id in self._open:
             run_logs.router.close(run_id, "The run ended KILLED (left open at stop)")
             self.writer.end_run(run_id, "KILLED")
         reached = False
         try:
-            self.writer.close(self._end_timeout)
+            self.writer.close(max(0.0, deadline - time.monotonic()))
             reached = True
         finally:
             try:
                 while self._open:
                     run_id = self._open.pop()
-                    uploaded = reached and self._upload_log(run_id)
-                    ended = self._end(run_id, "KILLED", quick=not reached)
+                    uploaded = reached and self._upload_log(run_id, deadline)
+                    ended = self._end(run_id, "KILLED", deadline, quick=not reached)
                     if ended:
                         logger.warning("Ended run {} left open at stop: KILLED", run_id)
                     self.writer.finish_run(run_id, keep=not (ended and uploaded))
-                self._end_other_runs(quick=not reached)
+                self._end_other_runs(deadline, quick=not reached)
             finally:
                 self._restore.close()
 
-    def _end_other_runs(self, quick: bool) -> None:
+    def _end_other_runs(self, deadline: float, quick: bool) -> None:
         """End runs the job started itself (``mlflow.start_run``) and left open: KILLED.
 
         They are in this service's store, which MLflow will not point at any more.
@@ -254,26 +266,30 @@ class TrackingSession:
 
         while (active := mlflow.active_run()) is not None:
             logger.warning("Ended run {} left open at stop: KILLED", active.info.run_id)
-            if not self._end(active.info.run_id, "KILLED", quick=quick):
+            if not self._end(active.info.run_id, "KILLED", deadline, quick=quick):
                 break
 
     def _finish(self, run_id: str, status: str, error: BaseException | None) -> None:
         """Record the end, write the run's values, then end it in the store.
 
         A value the store refused (set aside; the others are written) makes the run FAILED and
-        is reported. A store that does not take the values within ``end_timeout`` leaves them
-        and the status in the spool, for ``recover``.
+        is reported. The whole end (values, log, status) takes at most ``end_timeout``, and a
+        second or so more for the last call: what the store did not take by then stays in the
+        spool, for ``recover``.
         """
         if run_id not in self._open:
             return  # close() inside the block already ended it
+        deadline = time.monotonic() + self._end_timeout
         self._open.remove(run_id)
         run_logs.router.close(run_id, run_logs.ending(status, error))
         problem: ServiceError | None = None
         try:
             self.writer.end_run(run_id, status)
             self.writer.flush(self._end_timeout)
+            self._gave_up = None
         except StoreUnreachable as unreachable:
-            self._end(run_id, status, quick=True)
+            self._gave_up = deadline
+            self._end(run_id, status, deadline, quick=True)
             folder = self.writer.finish_run(run_id, keep=True)
             problem = ServiceError(
                 "MlflowService",
@@ -284,7 +300,7 @@ class TrackingSession:
                 "`regression-model-template recover`",
             )
         except ServiceError as stopped:  # the writer stopped: what is left stays in the spool
-            self._end(run_id, "FAILED" if status == "FINISHED" else status)
+            self._end(run_id, "FAILED" if status == "FINISHED" else status, deadline)
             self.writer.finish_run(run_id, keep=True)
             problem = stopped
         else:
@@ -294,12 +310,12 @@ class TrackingSession:
                 problem = WriteError(f"run {run_id} ended {status}: {refused}")
             ended = uploaded = False
             try:  # the log before the end: a FINISHED run has its log
-                uploaded = self._upload_log(run_id)
+                uploaded = self._upload_log(run_id, deadline)
             finally:  # even when Ctrl-C stops the upload, the run is ended
                 try:
-                    self._end(run_id, status)
+                    self._end(run_id, status, deadline)
                     ended = True
-                    self._note_return(run_id, status)
+                    self._note_return(run_id, status, deadline)
                 finally:  # a status or a log that did not reach the store stays in the spool
                     self.writer.finish_run(run_id, keep=not (ended and uploaded))
         if problem is not None:
@@ -307,40 +323,57 @@ class TrackingSession:
                 raise problem
             error.add_note(str(problem))
 
-    def _note_return(self, run_id: str, status: str) -> None:
+    def _note_return(self, run_id: str, status: str, deadline: float) -> None:
         """Tag a run the reaper had ended (its job was silent) with its job's own end."""
         if self._client is None:
             return
         try:
-            if REAPED not in self._client.get_run(run_id).data.tags:
-                return
-            when = reaper.stamp(time.time())
-            said = f"its job came back after the reaper ended it, and ended it {status} at {when}"
-            self._client.set_tag(run_id, RETURNED, said)
+            with _http_until(deadline):  # a store that hangs now cannot hold the exit
+                if REAPED not in self._client.get_run(run_id).data.tags:
+                    return
+                when = reaper.stamp(time.time())
+                said = (
+                    f"its job came back after the reaper ended it, and ended it {status} at {when}"
+                )
+                self._client.set_tag(run_id, RETURNED, said)
         except Exception as exc:  # only a note: the run has ended with its status
             logger.debug("Run {}: the reaped run's return was not tagged: {}", run_id, exc)
 
-    def _end(self, run_id: str, status: str, quick: bool = False) -> bool:
+    def _end(self, run_id: str, status: str, deadline: float, quick: bool = False) -> bool:
         """End ``run_id`` if it is the active run; return whether the store took the status.
 
-        ``quick``: the store is known to be unreachable; try once, without MLflow's retries.
+        One try, which waits until ``deadline`` (at least a second) whatever MLflow's HTTP
+        settings say. ``quick``: the store is known to be unreachable; a failure is not raised.
+
+        Raises:
+            ServiceError: the store did not take the status (not ``quick``); it waits in the
+                run's spool folder, for ``recover``.
         """
         import mlflow
 
         active = mlflow.active_run()
         if active is None or active.info.run_id != run_id:
             return False  # already ended by the block itself
-        if not quick:
-            with self._errors("tracking_uri", f"cannot end run {run_id} as {status}"):
-                mlflow.end_run(status)
-            return True
         # MLflow pops its active run before it writes the status: the job goes on cleanly
-        with stores.environ_restored(_QUICK_HTTP):
-            os.environ.update(_QUICK_HTTP)
-            try:
+        try:
+            with _http_until(deadline):
                 mlflow.end_run(status)
-            except Exception:
+        except Exception as exc:
+            if quick:
                 return False
+            if time.monotonic() < deadline:  # an answer, not a silence: say what it was
+                with self._errors("tracking_uri", f"cannot end run {run_id} as {status}"):
+                    raise
+            self._gave_up = deadline  # silent: what follows does not wait for it again
+            cause = self._redact(f"{type(exc).__name__}: {exc}").splitlines()[0]
+            raise ServiceError(
+                "MlflowService",
+                "end_timeout",
+                f"run {run_id} ended {status}, but the tracking store did not take its status "
+                f"within {self._end_timeout:g} s ({cause}). It waits in "
+                f"{self.writer.spool_dir / run_id}: send it with "
+                "`regression-model-template recover`",
+            ) from exc
         return True
 
 
@@ -351,8 +384,22 @@ class RunLogOptions(T.NamedTuple):
     max_bytes: int | None = None
 
 
-# MLflow's own HTTP retries would take minutes against a server that is down.
-_QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+# MLflow's HTTP settings, read at each request: its retries, pauses and per-request timeout
+# (the user's, up to 10 retries of 10 minutes each) would hold the end of a run for hours.
+_HTTP_TIMEOUT, _HTTP_RETRIES = "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+
+
+@contextlib.contextmanager
+def _http_until(deadline: float) -> T.Iterator[None]:
+    """MLflow's HTTP requests in the block: one try each, waiting until ``deadline``.
+
+    MLflow's timeout is whole seconds: at least one, so that a call made once the time is
+    spent still gets its chance against a store that answers.
+    """
+    timeout = max(1, math.ceil(deadline - time.monotonic()))
+    with stores.environ_restored([_HTTP_TIMEOUT, _HTTP_RETRIES]):
+        os.environ.update({_HTTP_TIMEOUT: str(timeout), _HTTP_RETRIES: "0"})
+        yield
 
 
 def _mlflow_globals() -> tuple[str | None, str | None]:
