@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: import this folder as the pack
 from benchmarks import (
     alerts,
     cold_start,
+    disk_full,
     injection,
     job,
     lifecycle,
@@ -43,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 GROUPS: dict[str, T.Callable[[Context], list[Row]]] = {
     "metrics": metrics.run,
     "outage": outage.run,
+    "disk_full": disk_full.run,
     "team": team.run,
     "job": job.run,
     "injection": injection.run,
