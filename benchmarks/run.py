@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: import this folder as the pack
 from benchmarks import (
     alerts,
     cold_start,
+    disk_full,
     heartbeat,
     injection,
     job,
@@ -45,6 +46,7 @@ GROUPS: dict[str, T.Callable[[Context], list[Row]]] = {
     "metrics": metrics.run,
     "heartbeat": heartbeat.run,
     "outage": outage.run,
+    "disk_full": disk_full.run,
     "team": team.run,
     "job": job.run,
     "injection": injection.run,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.server
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -215,3 +217,63 @@ def whole_lines(path: Path) -> list[str]:
         return []
     text = path.read_bytes().decode()
     return text.split("\n")[:-1]
+
+
+# %% a small disk that fills up
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount a tmpfs of a given size (``small_tmpfs("2m")``) under ``tmp_path``: a real disk.
+
+    Needs root: skipped with the reason where it cannot be mounted, failed instead under
+    ``CI=true``. Unmounted when the test ends, even when it fails (lazily if still busy).
+    """
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"tmpfs-{len(mounts)}"
+        folder.mkdir()
+        try:
+            result = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            problem = result.stderr.strip() if result.returncode else None
+        except FileNotFoundError as error:
+            problem = str(error)
+        if problem is not None:
+            reason = f"cannot mount a {size} tmpfs (a real full disk; needs root): {problem}"
+            if os.environ.get("CI") == "true":
+                pytest.fail(reason)
+            pytest.skip(reason)
+        mounts.append(folder)
+        return folder
+
+    try:
+        yield mount
+    finally:
+        for folder in reversed(mounts):
+            if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write a file in ``folder`` until its disk is full; return it (delete it to free the disk)."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for chunk in (65536, 4096, 1):
+            while True:
+                try:
+                    if os.write(fd, b"x" * chunk) < chunk:
+                        break
+                except OSError as error:
+                    if error.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+    return filler

@@ -36,6 +36,7 @@ from loguru import logger
 
 from regression_model_template.io import values
 from regression_model_template.io.errors import ServiceError
+from regression_model_template.io.overflow import MEMORY_LIMIT, NoSpool, Overflow, cause
 from regression_model_template.io.reaper import HEARTBEAT
 from regression_model_template.io.spool import Batch, RunSpool, read_batch, set_aside
 from regression_model_template.io.uploads import (
@@ -99,9 +100,11 @@ class BatchWriter:
         heartbeat: seconds between two heartbeats of each owned run not yet ended: the tag
             ``rmt.heartbeat`` (:mod:`.reaper`) set to the time (None: no heartbeat). A beat
             that fails is dropped: the next one comes ``heartbeat`` seconds later.
+        memory_limit: values held in memory at most while spools cannot be written (a full
+            disk: :mod:`.overflow`); a call that would pass it waits for the store.
 
     Raises:
-        ServiceError: a run's spool folder cannot be created or written (``mlflow.spool_dir``).
+        ServiceError: another process owns a run's spool folder (``mlflow.spool_dir``).
 
     Example:
         >>> import tempfile
@@ -132,6 +135,7 @@ class BatchWriter:
         slow_after: float = 10.0,
         uploads: int = 1,
         heartbeat: float | None = None,
+        memory_limit: int = MEMORY_LIMIT,
     ) -> None:
         self._client = client
         self.spool_dir = Path(spool_dir)
@@ -163,6 +167,8 @@ class BatchWriter:
         self._heartbeat = heartbeat
         self._next_beat = time.monotonic() + (heartbeat or 0.0)  # the run's start set the first
         self._ended: set[str] = set()  # owned runs whose end is recorded: no more heartbeats
+        self._memory = Overflow(memory_limit)  # records the spools could not take
+        self._disk_tried_at = -float("inf")  # when memory last went back to a spool
         self._thread = threading.Thread(target=self._run, name="mlflow-batch-writer", daemon=True)
         self._thread.start()
         # Started now, not per write: Python 3.12 refuses new threads once the interpreter
@@ -189,12 +195,14 @@ class BatchWriter:
             if spool is None:
                 try:
                     spool = RunSpool.create(self.spool_dir, run_id, self._store, self._store_id)
-                except OSError as exc:
+                except BlockingIOError as exc:  # locked: a live process owns the run
                     raise ServiceError(
                         "MlflowService",
                         "spool_dir",
                         f"cannot write the spool of run {run_id} in {self.spool_dir}: {exc}",
                     ) from exc
+                except OSError as exc:  # a full disk: the run's values go through memory
+                    spool = NoSpool(self.spool_dir / run_id, exc)
                 self._spools[run_id] = spool
             return spool
 
@@ -245,18 +253,25 @@ class BatchWriter:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             targets = {run_id: spool.written for run_id, spool in self._spools.items()}
+            marks = {run_id: self._memory.mark(run_id) for run_id in self._spools}
             self._urgent = True
             self._lock.notify_all()
             while any(
-                self._spools[r].sent < end for r, end in targets.items() if r in self._spools
+                self._spools[r].sent < max(end, self._memory.moved_end(r))
+                or not self._memory.reached(r, marks[r])
+                for r, end in targets.items()
+                if r in self._spools
             ):
                 if not self._thread.is_alive():
-                    raise WriteError(f"{self._waiting()} values not written: writer stopped")
+                    raise WriteError(
+                        f"{self._waiting()} values not written: writer stopped{self._disk()}"
+                    )
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    cause = f": {self._unreachable}" if self._unreachable else ""
+                    why = f": {self._unreachable}" if self._unreachable else ""
                     raise StoreUnreachable(
-                        f"{self._waiting()} values not written within {timeout:g} s{cause}"
+                        f"{self._waiting()} values not written within {timeout:g} s{why}"
+                        f"{self._disk()}"
                     )
                 self._lock.wait(min(remaining, 1.0) if remaining is not None else 1.0)
 
@@ -281,8 +296,12 @@ class BatchWriter:
             self._owned.discard(run_id)
             self._ended.discard(run_id)
             self._refused.pop(run_id, None)  # its owner has reported them
+            unsent = self._memory.drop(run_id)
+            self._lock.notify_all()  # room in memory for callers waiting
         if spool is None:
             return None
+        if unsent and not discard:
+            self._save_unsent(spool, unsent)
         remove = discard or (spool.sent >= spool.written and not keep)
         spool.close(remove=remove)
         return None if remove else spool.folder
@@ -333,15 +352,95 @@ class BatchWriter:
         spool = self._spools.get(run_id) or self.open_run(run_id, owned=False)
         if self._closed:
             raise WriteError("the metric writer is closed: log inside a started MlflowService")
-        spool.append(record)
+        if self._memory.holds(run_id):  # after the records waiting in memory: in order
+            self._hold(spool, record, count, None)
+            return
+        try:
+            if isinstance(spool, NoSpool):
+                spool = self._create_again(spool)
+            spool.append(record)
+        except OSError as exc:  # a full disk must not stop the job: memory, then the store
+            self._hold(spool, record, count, exc)
+            return
         with self._lock:
             self._queued += count
             if not self._kick and self._queued - self._written >= MAX_METRICS_PER_BATCH:
                 self._kick = True
                 self._lock.notify_all()
+            back = self._memory.cause is not None
+            self._memory.cause = None
+        if back:
+            logger.info("The spool {} can be written again: values go to it again", spool.folder)
+
+    def _hold(
+        self, spool: RunSpool, record: dict[str, T.Any], count: int, error: OSError | None
+    ) -> None:
+        """Keep a record the spool could not take in memory; wait while memory is full."""
+        with self._lock:
+            first = error is not None and self._memory.cause is None
+            if error is not None:
+                self._memory.cause = cause(error)
+            while self._memory.full(count) and not self._closed:
+                if not self._thread.is_alive():
+                    raise WriteError(f"{self._waiting()} values not written: writer stopped")
+                self._kick = True  # backpressure: the caller waits for the store to take some
+                self._lock.notify_all()
+                self._lock.wait(1.0)
+            self._memory.hold(spool.run_id, record, count)
+            self._queued += count
+            self._kick = True
+            self._lock.notify_all()
+        if first:
+            logger.warning(
+                "Cannot write the spool {} ({}): values go straight to the tracking store from "
+                "memory (up to {:,} values; log_metrics waits when that is full) until the disk "
+                "takes them again. A kill now would lose the values held in memory (at most "
+                "{:,}): `recover` cannot send them",
+                spool.folder,
+                self._memory.cause,
+                self._memory.limit,
+                self._memory.limit,
+            )
+
+    def _create_again(self, spool: NoSpool) -> RunSpool:
+        """Try again to create the spool of a run that has none (it raised at ``open_run``)."""
+        created = RunSpool.create(self.spool_dir, spool.run_id, self._store, self._store_id)
+        with self._lock:
+            if self._spools.get(spool.run_id) is spool:
+                self._spools[spool.run_id] = created
+                return created
+        created.close(remove=False)  # released meanwhile
+        raise OSError(spool.error.errno, cause(spool.error), str(spool.folder))
+
+    def _save_unsent(self, spool: RunSpool, unsent: list[tuple[dict[str, T.Any], int]]) -> None:
+        """Put a released run's records still in memory into its spool, for ``recover``."""
+        lost = 0
+        for record, count in unsent:
+            try:
+                spool.append(record)
+            except OSError:
+                lost += count
+        if lost:
+            logger.warning(
+                "{} values of run {} were lost: the tracking store did not take them and the "
+                "spool {} cannot be written ({})",
+                lost,
+                spool.run_id,
+                spool.folder,
+                self._memory.cause,
+            )
 
     def _waiting(self) -> int:
         return self._queued - self._written
+
+    def _disk(self) -> str:
+        """What a message about values not written adds while spools cannot be written."""
+        if self._memory.cause is None:
+            return ""
+        return (
+            f"; the spool cannot be written ({self._memory.cause}) in {self.spool_dir}: "
+            f"{self._memory.values} of them are only in memory"
+        )
 
     # -- writer side
 
@@ -370,9 +469,62 @@ class BatchWriter:
                 return
 
     def _behind(self) -> bool:
-        return any(spool.sent < spool.written for spool in self._spools.values())
+        return self._memory.values > 0 or any(
+            spool.sent < spool.written for spool in self._spools.values()
+        )
 
     def _ship(self, spool: RunSpool) -> None:
+        """Send the run's values: what its spool holds beyond the sent mark, then its memory."""
+        while True:
+            self._ship_spool(spool)
+            spool = self._back_to_disk(spool)
+            if spool.sent < spool.written:
+                continue  # records moved back from memory: the spool first
+            if not self._ship_memory(spool):
+                return
+
+    def _back_to_disk(self, spool: RunSpool) -> RunSpool:
+        """Move the run's records from memory back to its spool, if the disk takes them now.
+
+        Tried at most once an interval. A training loop keeps logging: its memory queue would
+        never be empty for its next record to try the spool itself.
+        """
+        now = time.monotonic()
+        if not self._memory.holds(spool.run_id) or now - self._disk_tried_at < self._interval:
+            return spool
+        self._disk_tried_at = now
+        if isinstance(spool, NoSpool):
+            try:
+                spool = self._create_again(spool)
+            except OSError:
+                return spool
+        with self._lock:
+            moved = self._memory.move(spool)
+            back = moved and not self._memory.holds(spool.run_id) and self._memory.cause
+            if back:
+                self._memory.cause = None
+        if back:
+            logger.info("The spool {} can be written again: values go to it again", spool.folder)
+        return spool
+
+    def _ship_memory(self, spool: RunSpool) -> bool:
+        """Send the oldest records the run holds in memory; False when it holds none."""
+        with self._lock:
+            batch, records = self._memory.batch(spool.run_id, self._batch_limit)
+            if not records:
+                return False
+            self._held = batch.values
+        refusals = self._send(spool, batch)
+        if refusals:
+            self._set_aside(spool.run_id, refusals)
+        with self._lock:
+            self._memory.release(spool.run_id, records, batch.values)
+            self._held = 0
+            self._written += batch.values
+            self._lock.notify_all()
+        return True
+
+    def _ship_spool(self, spool: RunSpool) -> None:
         """Send what ``spool`` holds beyond what the store acknowledged, batch by batch."""
         while spool.sent < spool.written:
             if self._abandoned:
@@ -388,10 +540,7 @@ class BatchWriter:
             refusals = self._send(spool, batch)
             if refusals:
                 self._set_aside(spool.run_id, refusals)
-            try:
-                spool.mark_sent(batch.end)
-            except OSError:  # released and removed meanwhile (recovered elsewhere): done
-                return
+            spool.mark_sent(batch.end)  # a full disk gets the mark later: never raises
             with self._lock:
                 self._held = 0
                 self._written += batch.values

@@ -116,6 +116,8 @@ class RunLog:
         self._segment = -1  # the tail segment being written (-1: still the head)
         self._segments: list[tuple[int, int]] = []  # (bytes, lines) of each tail segment kept
         self._cut = (0, 0)  # (bytes, lines) dropped
+        self._failed: OSError | None = None  # why the capture stopped (a full disk)
+        self._kept = 0  # bytes written before it stopped
 
     def write(self, text: str) -> None:
         """Append ``text`` (one or more whole lines); never raises."""
@@ -131,10 +133,12 @@ class RunLog:
                 if self._size + len(data) > limit and (in_head or self._size):
                     self._next_segment()
                 os.write(self._fd, data)
-            except OSError:  # a full disk must not stop the job: the capture stops instead
+            except OSError as exc:  # a full disk must not stop the job: the capture stops
+                self._failed = exc  # said once, at close: a warning now would be a line here
                 self._close_fd()
                 return
             self._size += len(data)
+            self._kept += len(data)
             if self._segment >= 0:
                 size, lines = self._segments[-1]
                 self._segments[-1] = (size + len(data), lines + text.count("\n"))
@@ -145,6 +149,16 @@ class RunLog:
             self.write(note if note.endswith("\n") else note + "\n")
         with self._lock:
             self._close_fd()
+            failed, self._failed = self._failed, None
+        if failed is not None:  # info: the spool's own warning said the disk is full
+            logger.info(
+                "The log of run {} stopped after {:,} bytes: {} cannot be written ({}); its "
+                "artifact run.log ends there",
+                self.folder.name,
+                self._kept,
+                self.folder,
+                failed.strerror or failed,
+            )
 
     def _next_segment(self) -> None:
         """Start the next tail segment; drop the oldest one beyond the two kept."""

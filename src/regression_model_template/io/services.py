@@ -421,6 +421,10 @@ class MlflowService(Service):
             ``regression-model-template recover``.
         end_timeout: seconds the end of a run waits for the store to take the run's last
             values; past it they stay in the spool and ``run_context`` raises ``ServiceError``.
+        full_disk_memory: values held in memory at most while a run's spool cannot be written
+            (a full or read-only disk): they go straight to the store from there, and
+            ``log_metrics`` waits while that many are waiting (about 200-500 bytes each: 20-50
+            MB by default). A killed process loses them; ``recover`` cannot send them.
         write_retries: retries of a value the store refuses (after 0.5 s, then doubling)
             before it is set aside in ``<spool_dir>/refused/`` and the run ends FAILED; the
             run's other values are written regardless. An unreachable store is retried for as
@@ -493,6 +497,7 @@ class MlflowService(Service):
     spool_dir: str | None = pydantic.Field(default=None, min_length=1)
     end_timeout: float = pydantic.Field(default=60.0, gt=0)
     write_retries: int = pydantic.Field(default=3, ge=0)
+    full_disk_memory: int = pydantic.Field(default=100_000, ge=1)
     parallel_uploads: int = pydantic.Field(default=2, ge=1, le=16)
     capture_log: bool = True
     capture_log_max_bytes: int = pydantic.Field(default=5_000_000, ge=10_000)
@@ -567,6 +572,7 @@ class MlflowService(Service):
                 "store_id": identity,
                 "interval": self.flush_interval,
                 "retries": self.write_retries,
+                "memory_limit": self.full_disk_memory,
                 "uploads": self.parallel_uploads if stores.is_server(self.tracking_uri) else 1,
                 "heartbeat": self.heartbeat_interval,
             },

@@ -94,6 +94,7 @@ class RunSpool:
         self._sync_failed = False
         self._synced_at = -float("inf")  # time.monotonic() of the last sync
         self.sent = read_sent(folder)  # bytes the store has acknowledged
+        self._sent_saved = self.sent  # ...as the ``sent`` file says
 
     @property
     def written(self) -> int:
@@ -188,9 +189,23 @@ class RunSpool:
             )
 
     def mark_sent(self, offset: int) -> None:
-        """Record that the store has acknowledged the first ``offset`` bytes."""
+        """Record that the store has acknowledged the first ``offset`` bytes.
+
+        Kept here first. A disk that cannot take the ``sent`` file now (full) gets it with a
+        later call or at :meth:`close`; until then, a recovery after a kill sends again what
+        was acknowledged since (MLflow's SQL stores ignore an exact duplicate). Never raises.
+        """
         self.sent = offset
-        write_sent(self.folder, offset)
+        self._save_sent()
+
+    def _save_sent(self) -> None:
+        if self._sent_saved == self.sent:
+            return
+        try:
+            write_sent(self.folder, self.sent)
+        except OSError:
+            return  # a full disk, or the folder released and removed meanwhile: later, or never
+        self._sent_saved = self.sent
 
     def close(self, remove: bool) -> None:
         """Release the run (``remove``: everything was sent and the run ended; delete it)."""
@@ -202,6 +217,8 @@ class RunSpool:
             self._closed_at = 0
         if remove:
             shutil.rmtree(self.folder, ignore_errors=True)
+        else:
+            self._save_sent()  # kept for `recover`: a mark the full disk refused, once more
         with contextlib.suppress(OSError):
             os.close(self._values_fd)
         with contextlib.suppress(OSError):
@@ -396,9 +413,16 @@ def _fsync(path: Path, flags: int) -> None:
 
 def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}")
-    fd = _open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        fd = _open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            data = text.encode()
+            if os.write(fd, data) < len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(temporary))
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):  # a full disk: leave no empty file behind
+            temporary.unlink()
+        raise

@@ -190,10 +190,8 @@ class TrackingSession:
         if options.max_bytes is not None:
             try:
                 log = run_logs.RunLog(folder, options.max_bytes, options.style.secrets)
-            except OSError as exc:
-                raise ServiceError(
-                    "MlflowService", "spool_dir", f"cannot write the log of run {run_id}: {exc}"
-                ) from exc
+            except OSError as exc:  # a full disk: the run goes on, its values through memory
+                logger.warning("The log of run {} is not kept: {}", run_id, exc)
         run_logs.router.open(run_id, log, options.style)
 
     def _upload_log(self, run_id: str, deadline: float) -> bool:
