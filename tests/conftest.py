@@ -211,6 +211,15 @@ def wait_until(
         time.sleep(0.01)
 
 
+def eventually(condition: Callable[[], bool], what: str, seconds: float = 60.0) -> None:
+    """Wait for ``condition`` (no child process to watch); fail the test after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {seconds:g} s: {what}")
+        time.sleep(0.05)
+
+
 def whole_lines(path: Path) -> list[str]:
     """The whole lines of ``path`` (a line still being written is left out)."""
     if not path.exists():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-import typing as T
 from pathlib import Path
 
 import pytest
@@ -20,20 +19,13 @@ from mlflow.tracking import MlflowClient
 from regression_model_template.io import reaper
 from regression_model_template.io.team_server import team_server
 from regression_model_template.testing import free_port
+from tests.conftest import eventually
 from tests.integration.conftest import postgres_folder, require_postgres
 from tests.io.test_reaper import kill_a_job_mid_run, reap_command
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 STALE_AFTER = 2.0  # seconds; the stack's default is 300
-
-
-def _wait_for(condition: T.Callable[[], bool], what: str, seconds: float = 120.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {seconds:g} s: {what}")
-        time.sleep(0.05)
 
 
 def test_reap_command_ends_a_killed_jobs_run_on_a_tracking_server(
@@ -44,7 +36,9 @@ def test_reap_command_ends_a_killed_jobs_run_on_a_tracking_server(
     client = MlflowClient(mlflow_server)
     plain = client.create_run("0", start_time=0).info.run_id
     assert client.get_run(run_id).info.status == "RUNNING"
-    _wait_for(lambda: time.time() * 1000 - heard > STALE_AFTER * 1000, "a stale heartbeat")
+    eventually(
+        lambda: time.time() * 1000 - heard > STALE_AFTER * 1000, "a stale heartbeat", seconds=120.0
+    )
 
     # when `reap` runs against the server
     result = reap_command(tmp_path, mlflow_server, "--stale-after", f"{STALE_AFTER:g}")
@@ -74,13 +68,17 @@ def test_the_team_stack_reaps_a_killed_jobs_run_on_its_own(tmp_path: Path) -> No
             run_id, heard = kill_a_job_mid_run(tmp_path, stack.url)
             killed = time.time()
             # then, with nobody running `reap`, its run ends KILLED at its last heartbeat
-            _wait_for(lambda: client.get_run(run_id).info.status == "KILLED", "the reap")
+            eventually(
+                lambda: client.get_run(run_id).info.status == "KILLED", "the reap", seconds=120.0
+            )
             running_for, after_kill = time.time() - heard / 1000, time.time() - killed
             run = client.get_run(run_id)
             assert run.info.end_time == heard
             assert run.data.tags[reaper.REAPED].startswith("ended KILLED by the reaper")
             # and the stack said so in its output, once
-            _wait_for(lambda: any(run_id in line for line in said), "the stack's line")
+            eventually(
+                lambda: any(run_id in line for line in said), "the stack's line", seconds=120.0
+            )
             lines = [line for line in said if run_id in line]
             assert len(lines) == 1, said
             last_heard = reaper.stamp(heard / 1000)

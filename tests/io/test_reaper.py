@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import typing as T
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from regression_model_template.io import reaper
 from regression_model_template.io.services import MlflowService
-from tests.conftest import child_job, wait_until, whole_lines
+from tests.conftest import child_job, eventually, wait_until, whole_lines
 
 RunConfig = MlflowService.RunConfig
 HOUR = 3600.0
@@ -44,14 +43,6 @@ def _silent_run(client: MlflowClient, experiment_id: str, heard: float) -> str:
     return str(client.create_run(experiment_id, start_time=started, tags=tags).info.run_id)
 
 
-def _wait_for(condition: T.Callable[[], bool], what: str, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {seconds:g} s: {what}")
-        time.sleep(0.05)
-
-
 def test_a_live_jobs_heartbeat_moves_while_its_run_is_open_and_stops_at_its_end(
     mlflow_store: str,
 ) -> None:
@@ -63,9 +54,9 @@ def test_a_live_jobs_heartbeat_moves_while_its_run_is_open_and_stops_at_its_end(
             run_id = run.info.run_id
             first = _heartbeat(client, run_id)  # set with the run's start
             # when the run stays open, then its heartbeat moves on, more than once
-            _wait_for(lambda: _heartbeat(client, run_id) > first, "a heartbeat after the start")
+            eventually(lambda: _heartbeat(client, run_id) > first, "a heartbeat after the start")
             second = _heartbeat(client, run_id)
-            _wait_for(lambda: _heartbeat(client, run_id) > second, "another heartbeat")
+            eventually(lambda: _heartbeat(client, run_id) > second, "another heartbeat")
         last = _heartbeat(client, run_id)
         time.sleep(1.0)  # five heartbeats' worth, with the service still started
         # then once the run has ended, its heartbeat stays where it was
@@ -265,7 +256,7 @@ def test_reap_command_ends_the_run_of_a_job_killed_with_sigkill(
     client = MlflowClient(mlflow_store)
     plain = client.create_run("0", start_time=0).info.run_id
     assert client.get_run(run_id).info.status == "RUNNING"
-    _wait_for(lambda: time.time() * 1000 - heard > 2_000, "its heartbeat older than 2 s")
+    eventually(lambda: time.time() * 1000 - heard > 2_000, "its heartbeat older than 2 s")
 
     # when `reap --stale-after 2` runs
     result = reap_command(tmp_path, mlflow_store, "--stale-after", "2")
