@@ -309,14 +309,14 @@ class BatchWriter:
     def close(self, timeout: float | None = None) -> None:
         """Flush, stop the background thread, release the spools. Closing twice is harmless.
 
-        ``timeout`` bounds the whole close: a writer thread still inside a call to a store that
-        does not answer is left behind (a daemon thread: it does not hold the process's exit).
+        ``timeout`` bounds the flush, then the writer thread gets a second to stop: one still
+        inside a call to a store that does not answer is left behind (a daemon thread, which
+        does not hold the process's exit).
 
         Raises:
             WriteError: values could not be written (they stay in the spool), or the store
                 refused values of runs nobody else reports (they are set aside).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             if not self._closed:
                 self.flush(timeout)
@@ -329,8 +329,9 @@ class BatchWriter:
             with self._lock:
                 self._closed = self._abandoned = True  # what is left stays in the spool
                 self._lock.notify_all()
-            left = 1.0 if deadline is None else deadline - time.monotonic()
-            self._thread.join(min(1.0, max(0.0, left)))
+            # A second for a call on its way to return and the thread to see it is abandoned
+            # (a `recover` right after must not race it); one stuck in a hung call stays behind.
+            self._thread.join(1.0)
             self._uploads.close()
             for run_id in [r for r in list(self._spools) if r not in self._owned]:
                 self.finish_run(run_id)
@@ -461,8 +462,8 @@ class BatchWriter:
                     return
                 self._urgent = self._kick = False
                 spools = list(self._spools.values())
-            self._beat()
             try:
+                self._beat()
                 for spool in spools:
                     self._ship(spool)
             except _Abandoned:
@@ -619,8 +620,14 @@ class BatchWriter:
         )
 
     def _attempt(self, calls: T.Sequence[T.Callable[[], T.Any]]) -> list[Exception | None]:
-        """Run one round of ``log_batch`` calls, timed by the watch thread; each one's error."""
+        """Run one round of ``log_batch`` calls, timed by the watch thread; each one's error.
+
+        Nothing is sent once the writer is abandoned: what is left belongs to ``recover``,
+        which may be sending it already.
+        """
         with self._lock:
+            if self._abandoned:
+                raise _Abandoned()
             self._sending_since = time.monotonic()
             self._lock.notify_all()
         try:
