@@ -235,7 +235,8 @@ def bench_team_one_job(url: str, database: str, folder: Path, sizes: Sizes) -> l
 
 def bench_team(folder: Path, sizes: Sizes) -> list[Row]:
     """The rows on the team's stack: PostgreSQL and ``mlflow server`` with 4 workers."""
-    from regression_model_template.io.team_server import free_port, team_server
+    from regression_model_template.server.processes import free_port
+    from regression_model_template.server.stack import team_server
 
     with team_server(folder, port=free_port(), workers=TEAM_WORKERS) as stack:
         rows = bench_team_load(stack.url, stack.database, folder, sizes)

@@ -374,8 +374,10 @@ def _serve(folder: str, port: int, workers: int, reap_after: float) -> int:
     import signal
     from pathlib import Path
 
-    from regression_model_template.io import reaper, team_server
+    from regression_model_template.io import reaper
     from regression_model_template.io.stop_signals import Terminated, stop_once
+    from regression_model_template.server.stack import team_server
+    from regression_model_template.server.tracking_server import running
 
     if not 0 < port < 65536 or workers < 1:
         raise UsageError(f"--port must be 1-65535 and --workers at least 1 (got {port}, {workers})")
@@ -387,7 +389,7 @@ def _serve(folder: str, port: int, workers: int, reap_after: float) -> int:
         # that would leave the server's processes behind. stop_once ignores it.
         with (
             stop_once(signal.SIGINT, signal.SIGTERM),
-            team_server.team_server(Path(folder), port, workers, reap_after=reap_after) as stack,
+            team_server(Path(folder), port, workers, reap_after=reap_after) as stack,
         ):
             outside = stack.cluster.parent != Path(folder).absolute()
             reaping = (
@@ -408,7 +410,7 @@ def _serve(folder: str, port: int, workers: int, reap_after: float) -> int:
             misses = 0  # consecutive /health checks without an answer
             while misses < 3:
                 time.sleep(2.0)
-                misses = 0 if team_server.running(stack.url) else misses + 1
+                misses = 0 if running(stack.url) else misses + 1
             print(f"error: the tracking server stopped answering; see {folder}/server.log",
                   file=sys.stderr)  # fmt: skip
             return 1

@@ -13,12 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from regression_model_template.io.team_server import (
-    PostgresUnavailable,
-    TeamServer,
-    postgres_bin,
-    team_server,
-)
+from regression_model_template.server.postgres import PostgresUnavailable, postgres_bin
+from regression_model_template.server.stack import TeamServer, team_server
 from regression_model_template.testing import free_port, local_mlflow_server
 from tests.integration.recording_proxy import RecordingProxy
 

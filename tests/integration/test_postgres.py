@@ -22,7 +22,8 @@ import psycopg
 import pytest
 
 from regression_model_template.io.services import MlflowService, ServiceError
-from regression_model_template.io.team_server import TeamServer, create_database, postgres_cluster
+from regression_model_template.server.postgres import create_database, postgres_cluster
+from regression_model_template.server.stack import TeamServer
 from regression_model_template.testing import clean_environ, free_port
 from tests.integration.conftest import lines_until, postgres_folder, require_postgres
 from tests.integration.test_server import (

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from regression_model_template.io import reaper
-from regression_model_template.io.team_server import team_server
+from regression_model_template.server.stack import team_server
 from regression_model_template.testing import free_port
 from tests.conftest import eventually
 from tests.integration.conftest import postgres_folder, require_postgres

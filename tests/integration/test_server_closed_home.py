@@ -19,12 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from regression_model_template.io.team_server import (
-    cluster_folder,
-    cluster_name,
-    postgres_bin,
-    running,
-)
+from regression_model_template.server.postgres import cluster_folder, cluster_name, postgres_bin
+from regression_model_template.server.tracking_server import running
 from regression_model_template.testing import clean_environ, free_port
 from tests.integration.conftest import lines_until, postgres_folder, require_postgres
 from tests.integration.test_postgres import ctrl_c_enabled

@@ -1,9 +1,4 @@
-"""The team's tracking stack: a PostgreSQL cluster and an ``mlflow server`` on 127.0.0.1.
-
-``make server`` (``regression-model-template server``) runs :func:`team_server` in the
-foreground; the test suite starts the same stack with the same functions, so there is one way
-to do it. Each part stops with its context manager (SIGTERM to the server's process group, a fast
-PostgreSQL shutdown): nothing is left running.
+"""The stack's PostgreSQL: Debian's programs, a cluster kept in a folder, the ``mlflow`` database.
 
 - :func:`postgres_cluster`: Debian's PostgreSQL (installed with ``apt-get`` when missing and
   running as root), a cluster in a folder (created on first use, kept between runs), one
@@ -11,52 +6,37 @@ PostgreSQL shutdown): nothing is left running.
 - :func:`cluster_folder`: where the stack of a folder keeps that cluster: in the folder, or,
   when the ``postgres`` user cannot reach it (run as root under a closed home), under
   PostgreSQL's own data root.
-- :func:`mlflow_server`: ``mlflow server`` with proxied artifacts; yields its URL once it answers
-  ``/health``.
 
 Written by hand: PostgreSQL's own tools (``initdb``, ``pg_ctl``) do the work; what they lack is
 the root case (``initdb`` refuses root: the cluster belongs to the ``postgres`` user) and a
 bounded, tidy stop when the caller's block ends.
-
-Example (not run here: it starts servers)::
-
-    with team_server(Path(".server"), port=5000) as stack:
-        print(f"MLFLOW_TRACKING_URI={stack.url}")
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import glob
 import hashlib
 import os
 import pwd
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
 import typing as T
-import urllib.request
 from pathlib import Path
 
+from regression_model_template.server.processes import free_port, tail
+
 __all__ = [
-    "GUNICORN",
+    "DATABASE",
+    "SUPERUSER",
     "PostgresUnavailable",
-    "TeamServer",
     "cluster_folder",
     "cluster_name",
     "create_database",
-    "free_port",
-    "mlflow_server",
     "postgres_bin",
     "postgres_cluster",
-    "running",
-    "team_server",
 ]
 
 DATABASE = "mlflow"
@@ -65,18 +45,6 @@ SUPERUSER = "postgres"
 
 class PostgresUnavailable(RuntimeError):
     """PostgreSQL's programs are not installed and cannot be installed here."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on ``host`` that nothing listens on (right now).
-
-    Example:
-        >>> 0 < free_port() < 65536
-        True
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 # %% PostgreSQL
@@ -304,7 +272,7 @@ def _pg(
     if check and done.returncode != 0:
         output = (done.stdout + done.stderr)[-3000:]
         if log is not None:
-            output += "\n" + _tail(log, 3000)
+            output += "\n" + tail(log, 3000)
         raise RuntimeError(f"{program.name} {' '.join(map(str, args))} failed: {output}")
     return done.returncode
 
@@ -321,208 +289,3 @@ def create_database(server: str, name: str) -> str:
         if not db.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
             db.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return f"{server}/{name}"
-
-
-# %% mlflow server
-
-#: Serve with gunicorn instead of MLflow's default uvicorn: with several uvicorn workers every
-#: request on a reused connection waits ~40 ms more (uvicorn issue 3149: TCP_NODELAY is lost);
-#: measured here, one ``log_metric`` call with 2 workers: 53 ms (uvicorn), 8.9 ms (gunicorn).
-#: gunicorn's default 30 s request timeout would kill the upload of a large model: 10 minutes.
-GUNICORN = ("--gunicorn-opts", "--timeout 600")
-
-
-@contextlib.contextmanager
-def mlflow_server(
-    backend_store_uri: str,
-    artifacts: Path,
-    *,
-    port: int | None = None,
-    workers: int = 1,
-    startup_timeout: float = 60.0,
-    env: T.Mapping[str, str] | None = None,
-    output: Path | None = None,
-    options: T.Sequence[str] = (),
-) -> T.Iterator[str]:
-    """Run ``mlflow server`` on 127.0.0.1 for the block; yield its URL once it answers.
-
-    Artifacts are proxied (clients upload through the server) into ``artifacts``; the
-    background job runner is off (it holds gigabytes and a core for nothing here). The server
-    and every process it started are stopped on exit (SIGTERM to its process group, then
-    SIGKILL); on Linux, when started from the main thread, it also gets SIGTERM if this
-    process dies first.
-
-    Args:
-        backend_store_uri: the server's store (``sqlite:///...``, ``postgresql://...``).
-        artifacts: where the server keeps artifacts.
-        port: the port to listen on (default: a free one).
-        workers: server processes; see the README on workers and latency.
-        startup_timeout: seconds to wait for ``/health``.
-        env: the server's environment (default: this process's, without MLflow's client
-            settings).
-        output: the file receiving the server's output (default: ``artifacts/../server-*.log``).
-        options: more ``mlflow server`` options (e.g. :data:`GUNICORN`).
-
-    Raises:
-        RuntimeError: the port is taken, or the server exited or did not answer ``/health``
-            within ``startup_timeout`` seconds; the message ends with its output.
-    """
-    port = port or free_port()
-    _check_free(port)  # else another server's /health would answer for ours
-    url = f"http://127.0.0.1:{port}"
-    artifacts = Path(artifacts).absolute()
-    artifacts.mkdir(parents=True, exist_ok=True)
-    log = output or artifacts.parent / f"server-{time.time_ns()}.log"
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--backend-store-uri", backend_store_uri,
-        "--artifacts-destination", str(artifacts),
-        "--workers", str(workers),
-        *options,
-    ]  # fmt: skip
-    environ = dict(os.environ if env is None else env)
-    if env is None:
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):
-            environ.pop(name, None)
-    environ.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-    with log.open("ab") as sink:
-        process = subprocess.Popen(
-            command,
-            cwd=artifacts.parent,
-            env=environ,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stopped as a whole
-            # PR_SET_PDEATHSIG follows the starting *thread*: only the main thread's lives as
-            # long as the process (a server started from a helper thread would die with it).
-            preexec_fn=_die_with_parent if _main_thread_on_linux() else None,
-        )
-        try:
-            _wait_for_health(process, url, log, startup_timeout)
-            yield url
-        finally:
-            _stop_group(process)
-
-
-class TeamServer(T.NamedTuple):
-    """A running stack: the tracking server's URL, its database's URI, the cluster's folder."""
-
-    url: str
-    database: str
-    cluster: Path
-
-
-def _said(line: str) -> None:
-    print(line, flush=True)
-
-
-@contextlib.contextmanager
-def team_server(
-    folder: Path,
-    port: int = 5000,
-    workers: int = 2,
-    reap_after: float = 300.0,
-    report: T.Callable[[str], None] = _said,
-) -> T.Iterator[TeamServer]:
-    """PostgreSQL and ``mlflow server`` on ``port``, and its reaper, for the block.
-
-    The cluster is in ``folder/postgres``, or where :func:`cluster_folder` puts it when the
-    ``postgres`` user cannot reach ``folder``. Artifacts go to ``folder/artifacts``, the
-    server's output to ``folder/server.log``. All are kept between runs; both processes stop
-    when the block ends. ``workers``: see the README's "A tracking server for the team" (2
-    suits a 2-core machine). ``reap_after``: the runs whose heartbeat is older than this many
-    seconds are ended KILLED (:func:`.reaper.reaping`; 0: no reaper), each told to ``report``
-    in a line (default: printed).
-    """
-    from regression_model_template.io import reaper
-
-    folder = Path(folder).absolute()
-    cluster = cluster_folder(folder)
-    with (
-        postgres_cluster(cluster) as database,
-        mlflow_server(
-            database,
-            folder / "artifacts",
-            port=port,
-            workers=workers,
-            startup_timeout=120.0,
-            output=folder / "server.log",
-            options=GUNICORN,
-        ) as url,
-        reaper.reaping(url, reap_after, report) if reap_after else contextlib.nullcontext(),
-    ):
-        yield TeamServer(url, database, cluster)
-
-
-def _check_free(port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # as the server binds: a port left in TIME_WAIT by an earlier server is free
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise RuntimeError(f"port {port} on 127.0.0.1 is in use: {exc.strerror}") from None
-
-
-def running(url: str, timeout: float = 5.0) -> bool:
-    """Whether the server at ``url`` answers ``/health``."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
-    try:
-        with opener.open(f"{url}/health", timeout=timeout) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
-def _main_thread_on_linux() -> bool:
-    return sys.platform == "linux" and threading.current_thread() is threading.main_thread()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: receive SIGTERM when the parent dies (prctl PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def _wait_for_health(process: subprocess.Popen[bytes], url: str, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        code = process.poll()
-        if code is not None:  # note: a taken port makes mlflow server exit with code 0
-            raise RuntimeError(f"mlflow server exited ({code}) before answering; " + _tail(log))
-        if running(url, timeout=2) and process.poll() is None:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"mlflow server gave no /health within {timeout:g} s; " + _tail(log))
-        time.sleep(0.2)
-
-
-def _tail(log: Path, limit: int = 6000) -> str:
-    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
-    return "its output:\n" + text[-limit:]
-
-
-def _stop_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """Stop the process group led by ``process``: SIGTERM, wait, then SIGKILL what is left."""
-    group = process.pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGTERM)
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)
-        process.wait(grace)
-    deadline = time.monotonic() + grace  # workers may outlive the leader for a moment
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            pass
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGKILL)

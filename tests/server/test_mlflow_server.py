@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from regression_model_template.io.team_server import free_port, mlflow_server, running
+from regression_model_template.server.processes import free_port
+from regression_model_template.server.tracking_server import mlflow_server, running
 
 
 def test_a_taken_port_fails_before_a_server_starts(tmp_path: Path) -> None:

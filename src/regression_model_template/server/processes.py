@@ -1,0 +1,90 @@
+"""Supervising the stack's processes: free ports, process groups, their output.
+
+Written by hand: what ``subprocess`` lacks is a bounded stop of a whole process group
+(a server's workers included) and a child that dies with the process that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+__all__ = [
+    "check_free",
+    "die_with_parent",
+    "free_port",
+    "main_thread_on_linux",
+    "stop_group",
+    "tail",
+]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on ``host`` that nothing listens on (right now).
+
+    Example:
+        >>> 0 < free_port() < 65536
+        True
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def check_free(port: int) -> None:
+    """Raise ``RuntimeError`` when ``port`` on 127.0.0.1 is taken (as a server would bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as the server binds: a port left in TIME_WAIT by an earlier server is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise RuntimeError(f"port {port} on 127.0.0.1 is in use: {exc.strerror}") from None
+
+
+def main_thread_on_linux() -> bool:
+    """Whether a child started here can be tied to this process's life (:func:`die_with_parent`)."""
+    return sys.platform == "linux" and threading.current_thread() is threading.main_thread()
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: receive SIGTERM when the parent dies (prctl PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def tail(log: Path, limit: int = 6000) -> str:
+    """The last ``limit`` characters of a process's output file, to end an error message."""
+    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    return "its output:\n" + text[-limit:]
+
+
+def stop_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """Stop the process group led by ``process``: SIGTERM, wait, then SIGKILL what is left."""
+    group = process.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        process.wait(grace)
+    deadline = time.monotonic() + grace  # workers may outlive the leader for a moment
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
