@@ -6,6 +6,7 @@ Usage (``make bench`` runs the full set and writes benchmarks/RESULTS.md)::
     python benchmarks/run.py --quick      # small sizes, no server: checks that it all runs
     python benchmarks/run.py --only team,job   # some groups only; prints, writes no table
                                                # unless --output is given
+    python benchmarks/run.py --only network    # another host (a network namespace: root)
 
 Each figure is a median over repeats, divided by its baseline measured in the same run: these
 machines are noisy, ratios are what we compare. Each group is a module of this folder.
@@ -33,6 +34,7 @@ from benchmarks import (
     lifecycle,
     log_calls,
     metrics,
+    network,
     outage,
     run_log,
     team,
@@ -48,6 +50,7 @@ GROUPS: dict[str, T.Callable[[Context], list[Row]]] = {
     "outage": outage.run,
     "disk_full": disk_full.run,
     "team": team.run,
+    "network": network.run,
     "job": job.run,
     "injection": injection.run,
     "lifecycle": lifecycle.run,
@@ -56,7 +59,7 @@ GROUPS: dict[str, T.Callable[[Context], list[Row]]] = {
     "alerts": alerts.run,
     "cold": cold_start.run,
 }
-SERVER_GROUPS = ("outage", "team")  # need a server: skipped by --quick
+SERVER_GROUPS = ("outage", "team", "network")  # need a server: skipped by --quick
 
 
 def write_results(rows: list[Row], path: Path, note: str) -> None:
