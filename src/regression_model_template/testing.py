@@ -349,8 +349,13 @@ def other_host() -> T.Iterator[OtherHost]:
 
     Example (not run here: it needs root)::
 
-        with other_host() as host, mlflow_server_on(host.gateway) as url:
-            subprocess.run(host.command(["curl", f"{url}/health"]), check=True)
+        from regression_model_template.server.stack import team_server
+
+        with other_host() as host, team_server(folder, host=host.gateway) as stack:
+            curl = ["curl", "--cacert", str(stack.certificate), f"{stack.url}/health"]
+            subprocess.run(host.command(curl), check=True)  # from the other host
+            with host.cut():
+                ...  # a partition: the other host's packets are lost both ways
 
     Raises:
         OtherHostUnavailable: not root, no ``ip`` program, or the namespace could not be made
