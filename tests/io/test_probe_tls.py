@@ -138,11 +138,9 @@ def _no_client_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
 
 
 def test_an_untrusted_certificate_says_so_and_names_the_variable(tmp_path: Path) -> None:
-    # given an HTTPS server with a self-signed certificate nobody trusts
-    with answering_server(tmp_path) as server:
-        # when the probe asks it
-        with pytest.raises(ServiceError) as error:
-            stores.probe_server(server.url, timeout=10)
+    # given an HTTPS server with a self-signed certificate nobody trusts, when the probe asks it
+    with answering_server(tmp_path) as server, pytest.raises(ServiceError) as error:
+        stores.probe_server(server.url, timeout=10)
 
     # then the message says the certificate is not trusted and how to trust it
     message = str(error.value)
