@@ -375,6 +375,7 @@ def _serve(folder: str, port: int, workers: int, reap_after: float) -> int:
     from pathlib import Path
 
     from regression_model_template.io import reaper
+    from regression_model_template.io.masking import mask_uri
     from regression_model_template.io.stop_signals import Terminated, stop_once
     from regression_model_template.server.stack import team_server
     from regression_model_template.server.tracking_server import running
@@ -400,7 +401,7 @@ def _serve(folder: str, port: int, workers: int, reap_after: float) -> int:
             )
             moved = f" (the postgres user could not reach {folder}/)" if outside else ""
             print(
-                f"tracking server ready: {stack.url} (database {stack.database})\n"
+                f"tracking server ready: {stack.url} (database {mask_uri(stack.database)})\n"
                 f"  PostgreSQL cluster in {stack.cluster}/{moved}\n"
                 f"  MLFLOW_TRACKING_URI={stack.url} {PROG} run training --profile server\n"
                 f"  {reaping}\n"

@@ -75,7 +75,6 @@ def mlflow_server(
         sys.executable, "-m", "mlflow", "server",
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--backend-store-uri", backend_store_uri,
         "--artifacts-destination", str(artifacts),
         "--workers", str(workers),
         *options,
@@ -85,6 +84,7 @@ def mlflow_server(
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):
             environ.pop(name, None)
     environ.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    environ["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri  # not argv: `ps` shows a password
     with log.open("ab") as sink:
         process = subprocess.Popen(
             command,
