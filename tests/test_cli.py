@@ -665,3 +665,17 @@ def test_the_ready_message_says_how_jobs_connect_and_shows_no_secret(
     ) in message
     assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in message
     assert "pg-s3cret" not in message and ADMIN_PASSWORD not in message
+
+
+def test_the_ready_message_shows_a_database_uri_without_password_as_it_is(tmp_path: Path) -> None:
+    from regression_model_template.server.stack import TeamServer
+
+    uri = "postgresql://postgres@127.0.0.1:5432/mlflow"  # a cluster trusting local connections
+    stack = TeamServer("http://127.0.0.1:5000", uri, tmp_path / "postgres")
+
+    message = cli._ready(stack, str(tmp_path), "127.0.0.1", 0.0)
+
+    assert (
+        message.splitlines()[0] == f"tracking server ready: http://127.0.0.1:5000 (database {uri})"
+    )
+    assert "MLFLOW_TRACKING_SERVER_CERT_PATH" not in message and "basic auth" not in message
