@@ -51,6 +51,7 @@ from regression_model_template.config import (
     validate_config,
 )
 from regression_model_template.io.errors import translated_errors
+from regression_model_template.io.masking import client_secrets
 from regression_model_template.io.services import (
     AlertsService,
     LoggerService,
@@ -91,17 +92,34 @@ def _section(model: type[S], name: str, tree: T.Mapping[str, T.Any] | None) -> S
     return section
 
 
+def _client_secrets() -> list[str]:
+    """The credentials MLflow's client sends (``MLFLOW_TRACKING_PASSWORD``, ``..._TOKEN``).
+
+    Read from ``os.environ`` whatever ``environ`` the container was given: MLflow reads them
+    there itself, at each request.
+    """
+    return client_secrets(os.environ)
+
+
+def _logger_service(tree: T.Mapping[str, T.Any] | None) -> LoggerService:
+    """The logger section's service, masking the credentials MLflow sends in every line."""
+    service = _section(LoggerService, "logger", tree)
+    service.mask(_client_secrets())
+    return service
+
+
 def _mlflow_service(
     tree: T.Mapping[str, T.Any] | None, logger_service: LoggerService, alerts_service: AlertsService
 ) -> MlflowService:
     """The mlflow section's service, its runs' logs written like the logger's lines.
 
     The run's ``run.log`` uses the LoggerService's format and level, and masks the alert URLs'
-    secrets as well as the MlflowService's own: the services never see each other, the
-    container hands the values over.
+    secrets and the credentials MLflow sends as well as the MlflowService's own (its messages
+    mask them too): the services never see each other, the container hands the values over.
     """
     service = _section(MlflowService, "mlflow", tree)
-    service.log_runs_like(logger_service.format, logger_service.level, alerts_service.secrets())
+    secrets = [*alerts_service.secrets(), *_client_secrets()]
+    service.log_runs_like(logger_service.format, logger_service.level, secrets)
     return service
 
 
@@ -160,7 +178,7 @@ class Container(containers.DeclarativeContainer):
     config = providers.Configuration(strict=False)
 
     # -- services: one instance each, validated by their pydantic models
-    logger_service = providers.ThreadSafeSingleton(_section, LoggerService, "logger", config)
+    logger_service = providers.ThreadSafeSingleton(_logger_service, config)
     alerts_service = providers.ThreadSafeSingleton(_section, AlertsService, "alerts", config)
     mlflow_service = providers.ThreadSafeSingleton(
         _mlflow_service, config, logger_service, alerts_service

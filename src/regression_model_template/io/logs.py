@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import sys
 import typing as T
@@ -23,6 +24,7 @@ from loguru import logger
 
 from regression_model_template.io import console_capture, run_logs
 from regression_model_template.io.errors import translated_errors
+from regression_model_template.io.masking import secret_forms
 
 if T.TYPE_CHECKING:
     import loguru
@@ -80,22 +82,25 @@ def check_sink(value: str) -> str:
     return value
 
 
-def add_sink(sink: str, *, colorize: bool | None, **options: T.Any) -> int:
+def add_sink(
+    sink: str, *, colorize: bool | None, secrets: T.Iterable[str] = (), **options: T.Any
+) -> int:
     """Add a loguru handler writing to ``sink``; remove loguru's default stderr handler.
 
     ``stderr``/``stdout`` are the streams as they are now (pytest's capsys swaps them per
     test); any other value is a file path whose folder is created. ``colorize=None`` colours a
-    stream only when it is a terminal; a file is never coloured. ``options`` are
-    ``logger.add``'s. A plain-text sink also hands each line to the open run's log
-    (:mod:`.run_logs`): formatted once, a record costs the run's log one write.
+    stream only when it is a terminal; a file is never coloured. ``secrets`` are masked
+    (``***``) in every line, traceback included. ``options`` are ``logger.add``'s. A
+    plain-text sink also hands each line to the open run's log (:mod:`.run_logs`): formatted
+    once, a record costs the run's log one write.
 
     Raises:
         ServiceError: the file or its folder cannot be created or opened (setting ``sink``).
 
     Example:
-        >>> handler_id = add_sink("stdout", colorize=None, format="{message}")
-        >>> logger.info("plain text in a pipe")
-        plain text in a pipe
+        >>> handler_id = add_sink("stdout", colorize=None, format="{message}", secrets=["pa55"])
+        >>> logger.info("plain text in a pipe, password pa55")
+        plain text in a pipe, password ***
         >>> remove_sink(handler_id)
     """
     # Under a tee (a sink added while a run is open), the console itself: each line once.
@@ -104,23 +109,23 @@ def add_sink(sink: str, *, colorize: bool | None, **options: T.Any) -> int:
     if stream is None:
         with translated_errors("LoggerService", "sink", f"cannot create {sink!r}"):
             Path(sink).parent.mkdir(parents=True, exist_ok=True)
+    serialize = bool(options.get("serialize"))
+    # A JSON line writes a secret with JSON's escapes: those forms are masked too.
+    forms = secret_forms([*secrets, *(json.dumps(s)[1:-1] for s in secrets if serialize)])
     with translated_errors("LoggerService", "sink", f"cannot open {sink!r}"):
-        if options.get("serialize"):  # JSON lines: the run's log formats its own text
-            destination: T.Any = stream or sink
-            colorize = colorize if stream is not None else False
-        elif stream is not None:
-            colorize = _is_terminal(stream) if colorize is None else colorize
-            destination = _TeeSink(stream, colorize)
-        else:
+        owned = stream is None
+        if stream is None:
             colorize = False
             # Line-buffered like loguru's own file sink; closed by the sink's stop().
-            file = Path(sink).open("a", buffering=1, encoding="utf-8")  # noqa: SIM115
-            destination = _TeeSink(file, False, owned=True)
+            stream = Path(sink).open("a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        else:
+            colorize = _is_terminal(stream) if colorize is None else colorize
+        # JSON lines are not handed to the run's log: it formats its own text.
+        destination = _TeeSink(stream, colorize, owned, forms, tee=not serialize)
         try:
             handler_id = logger.add(destination, colorize=colorize, **options)
         except BaseException:
-            if isinstance(destination, _TeeSink):
-                destination.stop()
+            destination.stop()
             raise
     with contextlib.suppress(ValueError):  # already removed by someone else
         logger.remove(DEFAULT_HANDLER_ID)
@@ -135,26 +140,41 @@ def _is_terminal(stream: T.TextIO) -> bool:
 
 
 class _TeeSink:
-    """A text stream (the LoggerService's) whose lines also go to the open run's log.
+    """A text stream (the LoggerService's): lines masked, and also to the open run's log.
 
     loguru writes each formatted line, flushes, and calls ``stop`` when the handler is removed.
     """
 
-    def __init__(self, stream: T.TextIO, coloured: bool, owned: bool = False) -> None:
+    def __init__(
+        self,
+        stream: T.TextIO,
+        coloured: bool,
+        owned: bool = False,
+        forms: T.Sequence[str] = (),
+        tee: bool = True,
+    ) -> None:
         self._stream = stream
         self._coloured = coloured  # ANSI colours are stripped from the run's copy
         self._owned = owned  # a file opened for the sink, closed with it
-        run_logs.router.attach_tee(self)
+        self._forms = forms  # the secrets' forms (masking.secret_forms), masked in each line
+        self._tee = tee
+        if tee:
+            run_logs.router.attach_tee(self)
 
     def write(self, message: loguru.Message) -> None:
-        self._stream.write(message)
-        run_logs.router.tee(message, self, self._coloured)
+        text: str = message
+        for form in self._forms:  # the run's log masks its own copy
+            text = text.replace(form, "***")
+        self._stream.write(text)
+        if self._tee:
+            run_logs.router.tee(message, self, self._coloured)
 
     def flush(self) -> None:
         self._stream.flush()
 
     def stop(self) -> None:
-        run_logs.router.detach_tee(self)
+        if self._tee:
+            run_logs.router.detach_tee(self)
         if self._owned:
             self._stream.close()
 

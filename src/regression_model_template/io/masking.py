@@ -21,8 +21,10 @@ import urllib.parse
 import pydantic
 
 __all__ = [
+    "CLIENT_SECRETS",
     "RedactedError",
     "channel_secrets",
+    "client_secrets",
     "mask_channel",
     "mask_setting",
     "mask_uri",
@@ -31,6 +33,8 @@ __all__ = [
     "uri_secrets",
 ]
 
+#: MLflow's client variables whose values are secrets: it sends them to the tracking server.
+CLIENT_SECRETS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 _SECRET_QUERY_KEYS = re.compile(r"pass|secret|token|key|auth|credential|signature", re.IGNORECASE)
 # Setting names whose whole value is a secret (``config show`` prints ``***`` for them).
 _SECRET_SETTINGS = ("password", "secret", "token", "webhook", "api_key")
@@ -70,6 +74,16 @@ def uri_secrets(uri: str | None) -> list[str]:
         if value and _SECRET_QUERY_KEYS.search(key):
             secrets.append(value)
     return secrets
+
+
+def client_secrets(environ: T.Mapping[str, str]) -> list[str]:
+    """Return the values of MLflow's credential variables (:data:`CLIENT_SECRETS`) in ``environ``.
+
+    Example:
+        >>> client_secrets({"MLFLOW_TRACKING_PASSWORD": "pa55", "MLFLOW_TRACKING_USERNAME": "bob"})
+        ['pa55']
+    """
+    return [environ[name] for name in CLIENT_SECRETS if environ.get(name)]
 
 
 def redact(text: str, secrets: T.Iterable[str]) -> str:

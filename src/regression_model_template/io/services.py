@@ -162,6 +162,7 @@ class LoggerService(Service):
 
     _handler_id: int | None = pydantic.PrivateAttr(default=None)
     _bridged: bool = pydantic.PrivateAttr(default=False)
+    _secrets: tuple[str, ...] = pydantic.PrivateAttr(default=())
     _lock: threading.Lock = pydantic.PrivateAttr(default_factory=threading.Lock)
 
     def start(self) -> None:
@@ -182,7 +183,7 @@ class LoggerService(Service):
             if self._handler_id is not None:
                 return
             loguru_options = self.model_dump(exclude={"sink", "intercept_stdlib"})
-            self._handler_id = logs.add_sink(self.sink, **loguru_options)
+            self._handler_id = logs.add_sink(self.sink, secrets=self._secrets, **loguru_options)
             if self.intercept_stdlib and not logs.stdlib_bridge.attached:
                 logs.stdlib_bridge.attach()
                 self._bridged = True
@@ -205,6 +206,31 @@ class LoggerService(Service):
             if self._handler_id is not None:
                 logs.remove_sink(self._handler_id)
                 self._handler_id = None
+
+    def mask(self, secrets: T.Sequence[str]) -> None:
+        """Write ``secrets`` as ``***`` in every line of the sink. Takes effect at ``start()``.
+
+        The container passes the credentials MLflow sends (``MLFLOW_TRACKING_PASSWORD``,
+        ``MLFLOW_TRACKING_TOKEN``): whoever logs them, the job, MLflow or urllib3, they are
+        never written.
+
+        Example:
+            >>> service = LoggerService(sink="stdout", format="{message}")
+            >>> service.mask(["pa55w0rd"])
+            >>> with service:
+            ...     service.logger().info("login with pa55w0rd")
+            login with ***
+        """
+        self._secrets = tuple(secrets)
+
+    def secrets(self) -> list[str]:
+        """The secrets this service masks (see ``mask``).
+
+        Example:
+            >>> LoggerService().secrets()
+            []
+        """
+        return list(self._secrets)
 
     def logger(self) -> loguru.Logger:
         """Return the loguru logger.
@@ -586,8 +612,10 @@ class MlflowService(Service):
     def log_runs_like(self, format: str, level: str, secrets: T.Sequence[str] = ()) -> None:
         """Write each run's log in ``format`` from ``level`` on, also masking ``secrets``.
 
-        The container passes the LoggerService's format and level and the alert URLs'
-        secrets, so that ``run.log`` reads like the job's log. Takes effect at ``start()``.
+        The container passes the LoggerService's format and level, the alert URLs' secrets
+        and the credentials MLflow sends, so that ``run.log`` reads like the job's log. The
+        ``secrets`` are masked in this service's messages too (``redact``). Takes effect at
+        ``start()`` for ``run.log``, at once for messages.
 
         Example:
             >>> service = MlflowService()
@@ -777,13 +805,17 @@ class MlflowService(Service):
         return redact(text, self.secrets())
 
     def secrets(self) -> list[str]:
-        """The credentials inside the tracking and registry URIs.
+        """The credentials inside the tracking and registry URIs, and those handed over.
+
+        The container hands over (``log_runs_like``) the alert URLs' secrets and the
+        credentials MLflow sends (``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``).
 
         Example:
             >>> MlflowService(tracking_uri="https://bob:pa55@mlflow.example.com").secrets()
             ['pa55']
         """
-        return uri_secrets(self.tracking_uri) + uri_secrets(self.registry_uri)
+        handed = self._log_style.secrets
+        return [*uri_secrets(self.tracking_uri), *uri_secrets(self.registry_uri), *handed]
 
     # -- helpers
 
@@ -834,8 +866,7 @@ class MlflowService(Service):
         return folder
 
     def _run_log_options(self) -> tracking.RunLogOptions:
-        secrets = uri_secrets(self.tracking_uri) + uri_secrets(self.registry_uri)
-        style = self._log_style._replace(secrets=(*secrets, *self._log_style.secrets))
+        style = self._log_style._replace(secrets=tuple(self.secrets()))
         size = self.capture_log_max_bytes if self.capture_log else None
         return tracking.RunLogOptions(style, size)
 

@@ -15,11 +15,13 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import math
 import os
 import re
+import ssl
 import time
 import typing as T
 import urllib.parse
@@ -168,29 +170,142 @@ def ensure_folders(uris: T.Mapping[str, str]) -> None:
             ) from exc
 
 
-def probe_server(uri: str, timeout: float) -> None:
-    """Fail within ``timeout`` seconds when an HTTP tracking server does not answer.
+#: MLflow's client variables that change how it reaches a tracking server over TLS.
+SERVER_CERT = "MLFLOW_TRACKING_SERVER_CERT_PATH"
+INSECURE_TLS = "MLFLOW_TRACKING_INSECURE_TLS"
+CLIENT_CERT = "MLFLOW_TRACKING_CLIENT_CERT_PATH"
+#: MLflow's client variables holding the credentials it sends to a tracking server.
+USERNAME, PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
-    MLflow's own retries would take minutes. Any HTTP answer (even 401 or 404) will do.
+
+def probe_server(uri: str, timeout: float) -> None:
+    """Fail within ``timeout`` seconds when an HTTP tracking server cannot be used.
+
+    MLflow's own retries would take minutes. The probe asks the way MLflow's client will: the
+    same certificate checks (``MLFLOW_TRACKING_SERVER_CERT_PATH``, ``MLFLOW_TRACKING_INSECURE_TLS``,
+    ``MLFLOW_TRACKING_CLIENT_CERT_PATH``) and the same credentials (the URI's user information,
+    else ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``).
+    MLflow reads those variables itself at each request, so the probe lets MLflow's own function
+    read them (``get_default_host_creds``): both see the same values, and no copy can differ.
+    Any HTTP answer (even 404) will do, except 401: the server refused the credentials.
+
+    Raises:
+        ServiceError: naming ``tracking_uri`` or the variable at fault, and the cause
+            (credentials masked): no answer, a certificate that is not trusted, credentials
+            refused, or MLflow's variables contradicting each other.
     """
     parts = check_uri("tracking_uri", uri)
     if parts.scheme not in ("http", "https"):
         return
     import requests
 
+    creds = _host_creds(uri)
+    secrets = uri_secrets(uri) + [s for s in (creds.password, creds.token) if s]
     host = parts.hostname or ""
     netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
     url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", "", ""))
+    headers = {}
+    if creds.username and creds.password:  # what MLflow's http_request sends, in this order
+        token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    elif creds.token:
+        headers["Authorization"] = f"Bearer {creds.token}"
+    # The URI's user information wins over the variables, as requests does for MLflow.
     auth = (parts.username, parts.password or "") if parts.username else None
     try:
-        requests.get(url, auth=auth, timeout=timeout, allow_redirects=False)
+        answer = requests.get(
+            url,
+            auth=auth,
+            headers=headers,
+            timeout=timeout,
+            allow_redirects=False,
+            verify=creds.verify,
+            cert=creds.client_cert_path,
+        )
+    except requests.exceptions.SSLError as exc:
+        raise _tls_error(uri, exc, creds.server_cert_path, secrets) from RedactedError(
+            redact(str(exc), secrets)
+        )
     except requests.RequestException as exc:
-        cause = redact(f"{type(exc).__name__}: {exc}", uri_secrets(uri))
+        cause = redact(f"{type(exc).__name__}: {exc}", secrets)
         raise ServiceError(
             SERVICE,
             "tracking_uri",
             f"no answer from the tracking server {mask_uri(uri)} within {timeout:g} s "
             f"(mlflow.connect_timeout): {cause}",
+        ) from RedactedError(cause)
+    except OSError as exc:  # a certificate file that cannot be read (requests checks first)
+        cause = redact(f"{type(exc).__name__}: {exc}", secrets)
+        raise ServiceError(
+            SERVICE,
+            "tracking_uri",
+            f"cannot use the certificate files of {SERVER_CERT} or {CLIENT_CERT}: {cause}",
+        ) from RedactedError(cause)
+    if answer.status_code == 401:
+        given = "the URI's user information" if auth else _credentials_given(creds)
+        raise ServiceError(
+            SERVICE,
+            "tracking_uri",
+            f"the tracking server {mask_uri(uri)} refused the credentials (HTTP 401): set "
+            f"{USERNAME} and {PASSWORD} to a user of the server (sent: {given})",
+        )
+
+
+def _credentials_given(creds: T.Any) -> str:
+    """Which credentials were sent, never their values."""
+    if creds.username and creds.password:
+        return f"the user {creds.username!r} and a password"
+    if creds.token:
+        return "the token of MLFLOW_TRACKING_TOKEN"
+    return "none" if not creds.username else f"the user {creds.username!r} without a password"
+
+
+def _tls_error(uri: str, exc: Exception, trusted: str | None, secrets: list[str]) -> ServiceError:
+    """A failed TLS handshake, saying whether the server's certificate was not trusted."""
+    found = _ssl_cause(exc)
+    now = f"it is {trusted}" if trusted else "it is not set"
+    if isinstance(found, ssl.SSLCertVerificationError):
+        what = (
+            f"its certificate is not trusted ({found.verify_message}): set {SERVER_CERT} to "
+            f"the server's certificate, or the certificate of the authority that signed it ({now})"
+        )
+    else:
+        cause = redact(str(found or exc), secrets)
+        what = f"the TLS handshake failed ({cause}); {SERVER_CERT} {now}"
+    return ServiceError(
+        SERVICE, "tracking_uri", f"cannot connect to the tracking server {mask_uri(uri)}: {what}"
+    )
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl`` error inside what requests raised (requests wraps urllib3, which wraps ssl)."""
+    pending: list[object] = [exc]
+    seen: set[int] = set()
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        if isinstance(error, ssl.SSLError):
+            return error
+        seen.add(id(error))
+        pending += [error.__cause__, error.__context__, getattr(error, "reason", None)]
+        pending += list(error.args)
+    return None
+
+
+def _host_creds(uri: str) -> T.Any:
+    """MLflow's own reading of its client variables for ``uri`` (a ServiceError when invalid)."""
+    try:
+        from mlflow.utils.credentials import get_default_host_creds
+
+        return get_default_host_creds(uri)  # type: ignore[no-untyped-call]
+    except Exception as exc:  # both TLS variables set, a flag that is not a boolean
+        cause = redact(f"{type(exc).__name__}: {exc}", uri_secrets(uri))
+        raise ServiceError(
+            SERVICE,
+            "tracking_uri",
+            f"MLflow's TLS variables cannot be used ({SERVER_CERT}, {INSECURE_TLS}, "
+            f"{CLIENT_CERT}): {cause}",
         ) from RedactedError(cause)
 
 
