@@ -667,15 +667,17 @@ def test_the_ready_message_says_how_jobs_connect_and_shows_no_secret(
     assert "pg-s3cret" not in message and ADMIN_PASSWORD not in message
 
 
-def test_the_ready_message_shows_a_database_uri_without_password_as_it_is(tmp_path: Path) -> None:
+def test_the_ready_message_masks_a_lone_user_name_and_keeps_the_scheme(tmp_path: Path) -> None:
     from regression_model_template.server.stack import TeamServer
 
-    uri = "postgresql://postgres@127.0.0.1:5432/mlflow"  # a cluster trusting local connections
+    # a lone user name is taken for a token; "postgres" is also inside "postgresql://"
+    uri = "postgresql://postgres@127.0.0.1:5432/mlflow"
     stack = TeamServer("http://127.0.0.1:5000", uri, tmp_path / "postgres")
 
     message = cli._ready(stack, str(tmp_path), "127.0.0.1", 0.0)
 
-    assert (
-        message.splitlines()[0] == f"tracking server ready: http://127.0.0.1:5000 (database {uri})"
+    assert message.splitlines()[0] == (
+        "tracking server ready: http://127.0.0.1:5000 "
+        "(database postgresql://***@127.0.0.1:5432/mlflow)"
     )
     assert "MLFLOW_TRACKING_SERVER_CERT_PATH" not in message and "basic auth" not in message

@@ -481,10 +481,8 @@ def _ready(stack: T.Any, folder: str, host: str, reap_after: float) -> str:
         else "reaper: off (--reap-after 0); `reap --stale-after SECONDS` ends stale runs"
     )
     moved = f" (the postgres user could not reach {folder}/)" if outside else ""
-    # mask_uri takes a lone user name for a token: a URI without a password has no secret.
-    database = mask_uri(stack.database) if ":" in _userinfo(stack.database) else stack.database
     lines = [
-        f"tracking server ready: {stack.url} (database {database})",
+        f"tracking server ready: {stack.url} (database {mask_uri(stack.database)})",
         f"  PostgreSQL cluster in {stack.cluster}/{moved}",
     ]
     job = f"MLFLOW_TRACKING_URI={stack.url}"
@@ -498,12 +496,6 @@ def _ready(stack: T.Any, folder: str, host: str, reap_after: float) -> str:
         )
     lines += [f"  {job} {PROG} run training --profile server", f"  {reaping}", "Ctrl-C stops it."]
     return "\n".join(lines)
-
-
-def _userinfo(uri: str) -> str:
-    """The ``user:password`` part of ``uri`` ('' when it has none)."""
-    authority = uri.partition("://")[2].partition("/")[0]
-    return authority.rpartition("@")[0]
 
 
 def entry_point() -> None:
