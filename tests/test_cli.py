@@ -557,3 +557,127 @@ def test_server_with_a_negative_reap_after_exits_2_naming_it(tmp_path: Path, val
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: --reap-after must be 0 (off) or more seconds")
     assert not (tmp_path / "stack").exists()  # nothing was started
+
+
+# %% server facing a network: bad input refused before anything starts
+
+ADMIN_PASSWORD = "admin-s3cret-password"
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [{}, {"MLFLOW_TRACKING_USERNAME": "alice"}, {"MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}],
+    ids=["neither", "no-password", "no-user"],
+)
+def test_server_on_a_network_address_without_the_admins_variables_exits_2_naming_both(
+    tmp_path: Path, credentials: dict[str, str]
+) -> None:
+    result = _cli(
+        tmp_path, "server", "--folder", str(tmp_path / "stack"), "--host", "198.18.9.1",
+        **credentials,
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1  # one line
+    assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in result.stderr
+    assert ADMIN_PASSWORD not in result.stdout + result.stderr
+    assert not (tmp_path / "stack").exists()  # nothing was started
+
+
+def test_server_with_a_password_mlflow_refuses_exits_2_without_showing_it(tmp_path: Path) -> None:
+    result = _cli(
+        tmp_path, "server", "--folder", str(tmp_path / "stack"), "--host", "198.18.9.1",
+        MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD="tiny-pw",
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: MLFLOW_TRACKING_PASSWORD must be at least 12")
+    assert "tiny-pw" not in result.stdout + result.stderr
+    assert not (tmp_path / "stack").exists()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_server_on_every_address_exits_2_saying_why(tmp_path: Path, host: str) -> None:
+    result = _cli(
+        tmp_path, "server", "--folder", str(tmp_path / "stack"), "--host", host,
+        MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD,
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: --host {host} would listen on every address")
+    assert "give that address or name" in result.stderr
+    assert not (tmp_path / "stack").exists()
+
+
+@pytest.mark.parametrize("option", ["--tls-cert", "--tls-key"])
+def test_server_with_half_a_tls_pair_exits_2(tmp_path: Path, option: str) -> None:
+    result = _cli(
+        tmp_path, "server", "--folder", str(tmp_path / "stack"), option, str(tmp_path / "x.pem")
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "error: --tls-cert and --tls-key go together: give both, or neither\n"
+    assert not (tmp_path / "stack").exists()
+
+
+def test_server_with_a_key_of_another_certificate_exits_2_naming_them(tmp_path: Path) -> None:
+    from regression_model_template.server.tls import tls_pair
+
+    one, other = tls_pair(tmp_path / "one", "127.0.0.1"), tls_pair(tmp_path / "other", "127.0.0.1")
+
+    result = _cli(
+        tmp_path, "server", "--folder", str(tmp_path / "stack"),
+        "--tls-cert", str(one.certificate), "--tls-key", str(other.key),
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"error: TLS key {other.key} is not the key of the certificate {one.certificate}\n"
+    )
+    assert not (tmp_path / "stack").exists()
+
+
+def test_the_ready_message_says_how_jobs_connect_and_shows_no_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from regression_model_template.server.stack import TeamServer
+    from regression_model_template.server.tls import fingerprint, tls_pair
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+    pair = tls_pair(tmp_path, "198.18.9.1")
+    stack = TeamServer(
+        "https://198.18.9.1:5000",
+        "postgresql://postgres:pg-s3cret@127.0.0.1:5432/mlflow",
+        tmp_path / "postgres",
+        pair.certificate,
+    )
+
+    message = cli._ready(stack, str(tmp_path), "198.18.9.1", 300.0)
+
+    assert message.splitlines()[0] == (
+        "tracking server ready: https://198.18.9.1:5000 "
+        "(database postgresql://postgres:***@127.0.0.1:5432/mlflow)"
+    )
+    assert f"TLS certificate {pair.certificate} ({fingerprint(pair.certificate)})" in message
+    assert (
+        f"MLFLOW_TRACKING_URI=https://198.18.9.1:5000 "
+        f"MLFLOW_TRACKING_SERVER_CERT_PATH={pair.certificate} "
+    ) in message
+    assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in message
+    assert "pg-s3cret" not in message and ADMIN_PASSWORD not in message
+
+
+def test_the_ready_message_masks_a_lone_user_name_and_keeps_the_scheme(tmp_path: Path) -> None:
+    from regression_model_template.server.stack import TeamServer
+
+    # a lone user name is taken for a token; "postgres" is also inside "postgresql://"
+    uri = "postgresql://postgres@127.0.0.1:5432/mlflow"
+    stack = TeamServer("http://127.0.0.1:5000", uri, tmp_path / "postgres")
+
+    message = cli._ready(stack, str(tmp_path), "127.0.0.1", 0.0)
+
+    assert message.splitlines()[0] == (
+        "tracking server ready: http://127.0.0.1:5000 "
+        "(database postgresql://***@127.0.0.1:5432/mlflow)"
+    )
+    assert "MLFLOW_TRACKING_SERVER_CERT_PATH" not in message and "basic auth" not in message

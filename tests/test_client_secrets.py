@@ -87,3 +87,17 @@ def test_config_show_and_check_never_show_the_password(tmp_path: Path) -> None:
     )
     for result in (shown, checked):
         assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_an_alert_telling_the_password_shows_it_masked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # given the job's password in MLflow's variable and the container's own alerts service
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    container = Container(config={"alerts": {"enable": False}})
+
+    # when a job puts the password in an alert of its own
+    container.alerts_service().notify("Login", f"the server refused {PASSWORD}")
+
+    # then the alert (here, its console line) shows *** in its place
+    assert capsys.readouterr().out == "[regression_model_template] Login: the server refused ***\n"

@@ -110,8 +110,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     server = commands.add_parser(
         "server",
-        help="run PostgreSQL and an mlflow server on 127.0.0.1 until Ctrl-C (make server)",
+        help="run PostgreSQL and an mlflow server (on 127.0.0.1 by default) until Ctrl-C "
+        "(make server)",
     )
+    server.add_argument(
+        "--host",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="the address (or name) jobs connect to (127.0.0.1); any other turns on "
+        "MLflow's basic auth (admin: $MLFLOW_TRACKING_USERNAME, $MLFLOW_TRACKING_PASSWORD) "
+        "and HTTPS only",
+    )
+    server.add_argument(
+        "--tls-cert",
+        metavar="PATH",
+        help="the server's certificate (PEM), with --tls-key; default on a host other than "
+        "loopback: a self-signed pair made for it in FOLDER/tls",
+    )
+    server.add_argument("--tls-key", metavar="PATH", help="the certificate's private key (PEM)")
     server.add_argument("--port", type=int, default=5000, help="the server's port (5000)")
     server.add_argument(
         "--folder",
@@ -159,7 +175,15 @@ def main(argv: T.Sequence[str] | None = None) -> int:
                 f"--stale-after must be more than 0 seconds (got {args.stale_after:g})"
             )
         if args.command == "server":
-            return _serve(args.folder, args.port, args.workers, args.reap_after)
+            return _serve(
+                args.folder,
+                args.port,
+                args.workers,
+                args.reap_after,
+                host=args.host,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+            )
         container = _container(args.profile, args.overrides)
         if args.command == "config":
             return _show(container)
@@ -369,48 +393,66 @@ def _check_mlflow(service: T.Any) -> str:
     return f"ok: tracking store {service.redact(service.tracking_uri)} is reachable and writable"
 
 
-def _serve(folder: str, port: int, workers: int, reap_after: float) -> int:
+def _serve(
+    folder: str,
+    port: int,
+    workers: int,
+    reap_after: float,
+    host: str = "127.0.0.1",
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> int:
     """Run the team stack until Ctrl-C or SIGTERM, or until the server stops answering."""
     import signal
     from pathlib import Path
 
-    from regression_model_template.io import reaper
     from regression_model_template.io.stop_signals import Terminated, stop_once
+    from regression_model_template.server import auth, tls
     from regression_model_template.server.stack import team_server
-    from regression_model_template.server.tracking_server import running
+    from regression_model_template.server.tracking_server import is_loopback, running
 
     if not 0 < port < 65536 or workers < 1:
         raise UsageError(f"--port must be 1-65535 and --workers at least 1 (got {port}, {workers})")
     if not 0 <= reap_after < math.inf:
         raise UsageError(f"--reap-after must be 0 (off) or more seconds (got {reap_after:g})")
+    if host in ("0.0.0.0", "::", ""):
+        # Every address at once: no certificate, nor MLflow's allowed hosts, could name the
+        # one a job uses. Refused rather than guessed.
+        raise UsageError(
+            f"--host {host or repr(host)} would listen on every address, but the certificate "
+            "and MLflow's allowed hosts must name the one jobs connect to: give that address "
+            "or name (e.g. --host 198.18.9.1)"
+        )
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together: give both, or neither")
+    try:
+        if not is_loopback(host):
+            auth.admin_from(os.environ)
+        if tls_cert is not None and tls_key is not None:
+            tls.user_pair(Path(tls_cert), Path(tls_key), host)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     print(f"starting PostgreSQL and mlflow server in {folder}/ ...", flush=True)
     try:
         # A second Ctrl-C (or a supervisor's repeated SIGTERM) must not cut the stop short:
         # that would leave the server's processes behind. stop_once ignores it.
         with (
             stop_once(signal.SIGINT, signal.SIGTERM),
-            team_server(Path(folder), port, workers, reap_after=reap_after) as stack,
+            team_server(
+                Path(folder),
+                port,
+                workers,
+                reap_after=reap_after,
+                host=host,
+                tls_cert=Path(tls_cert) if tls_cert else None,
+                tls_key=Path(tls_key) if tls_key else None,
+            ) as stack,
         ):
-            outside = stack.cluster.parent != Path(folder).absolute()
-            reaping = (
-                f"reaper: runs whose heartbeat is older than {reap_after:g} s are ended KILLED "
-                f"(checked every {reaper.period(reap_after):g} s)"
-                if reap_after
-                else "reaper: off (--reap-after 0); `reap --stale-after SECONDS` ends stale runs"
-            )
-            moved = f" (the postgres user could not reach {folder}/)" if outside else ""
-            print(
-                f"tracking server ready: {stack.url} (database {stack.database})\n"
-                f"  PostgreSQL cluster in {stack.cluster}/{moved}\n"
-                f"  MLFLOW_TRACKING_URI={stack.url} {PROG} run training --profile server\n"
-                f"  {reaping}\n"
-                "Ctrl-C stops it.",
-                flush=True,
-            )
+            print(_ready(stack, folder, host, reap_after), flush=True)
             misses = 0  # consecutive /health checks without an answer
             while misses < 3:
                 time.sleep(2.0)
-                misses = 0 if running(stack.url) else misses + 1
+                misses = 0 if running(stack.url, certificate=stack.certificate) else misses + 1
             print(f"error: the tracking server stopped answering; see {folder}/server.log",
                   file=sys.stderr)  # fmt: skip
             return 1
@@ -420,6 +462,40 @@ def _serve(folder: str, port: int, workers: int, reap_after: float) -> int:
     except Exception as error:  # any failure to start: one line, exit 1
         print(f"error: the tracking stack did not start: {error}", file=sys.stderr)
         return 1
+
+
+def _ready(stack: T.Any, folder: str, host: str, reap_after: float) -> str:
+    """The ready message: where the stack is, and how jobs connect (never a password)."""
+    from pathlib import Path
+
+    from regression_model_template.io.masking import mask_uri
+    from regression_model_template.io.reaper import period
+    from regression_model_template.server.tls import fingerprint
+    from regression_model_template.server.tracking_server import is_loopback
+
+    outside = stack.cluster.parent != Path(folder).absolute()
+    reaping = (
+        f"reaper: runs whose heartbeat is older than {reap_after:g} s are ended KILLED "
+        f"(checked every {period(reap_after):g} s)"
+        if reap_after
+        else "reaper: off (--reap-after 0); `reap --stale-after SECONDS` ends stale runs"
+    )
+    moved = f" (the postgres user could not reach {folder}/)" if outside else ""
+    lines = [
+        f"tracking server ready: {stack.url} (database {mask_uri(stack.database)})",
+        f"  PostgreSQL cluster in {stack.cluster}/{moved}",
+    ]
+    job = f"MLFLOW_TRACKING_URI={stack.url}"
+    if stack.certificate is not None:
+        lines.append(f"  TLS certificate {stack.certificate} ({fingerprint(stack.certificate)})")
+        job += f" MLFLOW_TRACKING_SERVER_CERT_PATH={stack.certificate}"
+    if not is_loopback(host):
+        lines.append(
+            "  basic auth: jobs also set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(a user's; the admin adds users, see the README)"
+        )
+    lines += [f"  {job} {PROG} run training --profile server", f"  {reaping}", "Ctrl-C stops it."]
+    return "\n".join(lines)
 
 
 def entry_point() -> None:

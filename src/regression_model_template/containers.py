@@ -108,6 +108,13 @@ def _logger_service(tree: T.Mapping[str, T.Any] | None) -> LoggerService:
     return service
 
 
+def _alerts_service(tree: T.Mapping[str, T.Any] | None) -> AlertsService:
+    """The alerts section's service, masking the credentials MLflow sends in every alert."""
+    service = _section(AlertsService, "alerts", tree)
+    service.mask(_client_secrets())
+    return service
+
+
 def _mlflow_service(
     tree: T.Mapping[str, T.Any] | None, logger_service: LoggerService, alerts_service: AlertsService
 ) -> MlflowService:
@@ -179,7 +186,7 @@ class Container(containers.DeclarativeContainer):
 
     # -- services: one instance each, validated by their pydantic models
     logger_service = providers.ThreadSafeSingleton(_logger_service, config)
-    alerts_service = providers.ThreadSafeSingleton(_section, AlertsService, "alerts", config)
+    alerts_service = providers.ThreadSafeSingleton(_alerts_service, config)
     mlflow_service = providers.ThreadSafeSingleton(
         _mlflow_service, config, logger_service, alerts_service
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from regression_model_template.io.masking import mask_uri
 from regression_model_template.server.postgres import PostgresUnavailable, postgres_bin
 from regression_model_template.server.stack import TeamServer, team_server
 from regression_model_template.testing import free_port, local_mlflow_server
@@ -53,7 +54,7 @@ def team_stack() -> Iterator[TeamServer]:
     folder = postgres_folder("rmt-team-server-")
     try:
         with team_server(folder, port=free_port(), workers=2) as stack:
-            sys.stderr.write(f"\nteam server ready at {stack.url} on {stack.database}\n")
+            sys.stderr.write(f"\nteam server ready at {stack.url} on {mask_uri(stack.database)}\n")
             yield stack
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -123,8 +123,17 @@ def mask_uri(uri: str) -> str:
         'https://***@host/path?sig=1&token=***'
         >>> mask_uri("sqlite:///mlruns/mlflow.db")
         'sqlite:///mlruns/mlflow.db'
+        >>> mask_uri("postgresql://postgres@127.0.0.1:5432/mlflow")
+        'postgresql://***@127.0.0.1:5432/mlflow'
     """
-    return redact(uri, uri_secrets(uri))
+    scheme, userinfo, host, rest = _channel_parts(uri)
+    if not userinfo:
+        return redact(uri, uri_secrets(uri))
+    # The user information is masked where it stands: a lone user name may also be a part of
+    # the scheme or the host ("postgres" in "postgresql://"), which must stay readable.
+    user, _, password = userinfo.partition(":")
+    masked = f"{user}:***" if password else "***"  # a lone user name is a token
+    return f"{scheme}://{masked}@{host}" + redact(rest, uri_secrets(uri))
 
 
 _HOST_NAME = re.compile(

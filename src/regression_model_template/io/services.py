@@ -291,6 +291,7 @@ class AlertsService(Service):
     _dispatcher: alert_channels.Dispatcher | None = pydantic.PrivateAttr(default=None)
     _stopped: bool = pydantic.PrivateAttr(default=False)  # later alerts go to the console
     _opening: threading.Lock = pydantic.PrivateAttr(default_factory=threading.Lock)
+    _masked: tuple[str, ...] = pydantic.PrivateAttr(default=())  # see mask()
 
     @property
     def channel(self) -> T.Literal["desktop", "console"]:
@@ -355,6 +356,20 @@ class AlertsService(Service):
         )
         _logger.debug("Alerts go to {}", ", ".join(self.channels))
 
+    def mask(self, secrets: T.Sequence[str]) -> None:
+        """Write ``secrets`` as ``***`` in every alert's title and message, whoever sends it.
+
+        The container passes the credentials MLflow sends (``MLFLOW_TRACKING_PASSWORD``,
+        ``MLFLOW_TRACKING_TOKEN``), as it does to the LoggerService.
+
+        Example:
+            >>> alerts = AlertsService(enable=False)
+            >>> alerts.mask(["pa55w0rd"])
+            >>> alerts.notify("Login failed", "with pa55w0rd")
+            [regression_model_template] Login failed: with ***
+        """
+        self._masked = tuple(secrets)
+
     def notify(self, title: str, message: str, level: alert_channels.Level = "info") -> None:
         """Send an alert to every channel; print it when none delivers it.
 
@@ -368,6 +383,7 @@ class AlertsService(Service):
             >>> AlertsService(enable=False).notify("Job failed", "ValueError", level="failure")
             [regression_model_template] FAILURE Job failed: ValueError
         """
+        title, message = redact(title, self._masked), redact(message, self._masked)
         dispatcher, wait = self._started_on_first_use()
         if level not in alert_channels.LEVELS:
             if dispatcher is not None:

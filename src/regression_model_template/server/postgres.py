@@ -2,7 +2,9 @@
 
 - :func:`postgres_cluster`: Debian's PostgreSQL (installed with ``apt-get`` when missing and
   running as root), a cluster in a folder (created on first use, kept between runs), one
-  ``mlflow`` database; yields its ``postgresql://`` URI.
+  ``mlflow`` database; yields its ``postgresql://`` URI, which holds the superuser's password.
+  Every connection needs that password (scram-sha-256), the socket's too: the cluster listens
+  on 127.0.0.1, where every user of the machine can reach it.
 - :func:`cluster_folder`: where the stack of a folder keeps that cluster: in the folder, or,
   when the ``postgres`` user cannot reach it (run as root under a closed home), under
   PostgreSQL's own data root.
@@ -20,6 +22,7 @@ import hashlib
 import os
 import pwd
 import re
+import secrets
 import shutil
 import subprocess
 import time
@@ -30,6 +33,7 @@ from regression_model_template.server.processes import free_port, tail
 
 __all__ = [
     "DATABASE",
+    "PASSWORD_FILE",
     "SUPERUSER",
     "PostgresUnavailable",
     "cluster_folder",
@@ -41,6 +45,8 @@ __all__ = [
 
 DATABASE = "mlflow"
 SUPERUSER = "postgres"
+#: The superuser's password, in the cluster's folder (0600, this process's user).
+PASSWORD_FILE = "password"
 
 
 class PostgresUnavailable(RuntimeError):
@@ -102,44 +108,162 @@ def postgres_cluster(folder: Path, port: int | None = None) -> T.Iterator[str]:
     """Run a PostgreSQL cluster kept in ``folder`` for the block; yield its ``mlflow`` database URI.
 
     The cluster is created on first use (``folder/data``, its log in ``folder/postgres.log``),
-    listens on 127.0.0.1 only, trusts local connections (user ``postgres``, no password: a
-    stack for one machine) and is stopped when the block ends, also when the start is
-    interrupted. A cluster left running by a killed process is stopped first; one that a live
-    process runs is left alone (an error). Run as root, the cluster belongs to the
-    ``postgres`` user, which must be able to reach ``folder`` (:func:`cluster_folder` finds one).
+    listens on 127.0.0.1 only and asks every connection for the ``postgres`` user's password
+    (scram-sha-256). The password is generated then, kept in ``folder/password`` (0600) and
+    given in the URI (``postgresql://postgres:PASSWORD@127.0.0.1:PORT/mlflow``): mask it
+    before printing it. A cluster made by earlier versions, which trusted every local
+    connection, gets a password and scram-sha-256 on its next start, its data kept.
+
+    The cluster is stopped when the block ends, also when the start is interrupted. A cluster
+    left running by a killed process is stopped first; one that a live process runs is left
+    alone (an error). Run as root, the cluster belongs to the ``postgres`` user, which must be
+    able to reach ``folder`` (:func:`cluster_folder` finds one).
 
     Raises:
         PostgresUnavailable: PostgreSQL cannot be had here.
         RuntimeError: the cluster cannot be created or started (the message ends with its
-            log), or another live process runs it.
+            log), another live process runs it, or its password file is missing or refused.
     """
     bin_dir = postgres_bin()
     folder = Path(folder).absolute()
     data, log = folder / "data", folder / "postgres.log"
     port = port or free_port()
     as_owner = _as_postgres_user(folder)
-    if not (data / "PG_VERSION").exists():
-        # -A trust: local connections only (127.0.0.1 and the socket in the data folder)
-        _pg(as_owner, bin_dir / "initdb", "-D", data, "-A", "trust", "-U", SUPERUSER, "-E", "UTF8",
-            "--no-instructions")  # fmt: skip
+    new = not (data / "PG_VERSION").exists()
+    trusting = not new and _trusting(data)
+    password = _password(folder, create=new or trusting)
+    if new:
+        with _initdb_password(folder, password) as password_file:
+            _pg(as_owner, bin_dir / "initdb", "-D", data, "-A", "scram-sha-256", "-U", SUPERUSER,
+                "--pwfile", password_file, "-E", "UTF8", "--no-instructions")  # fmt: skip
     owner = folder / "owner.pid"  # the process that started the cluster running now
     if _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "status", check=False) == 0:
         other = _owner(owner)
         if other is not None and other != os.getpid() and _alive(other):
             raise RuntimeError(f"process {other} runs the PostgreSQL cluster in {folder}")
         _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {data}"
     started = False
     try:
         owner.write_text(str(os.getpid()))
+        if trusting:
+            _to_scram(as_owner, bin_dir, data, port, password)
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {data}"
         _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "-l", log, "-o", options, "-w", "-t", "60",
             "start", log=log)  # fmt: skip
         started = True
-        yield create_database(f"postgresql://{SUPERUSER}@127.0.0.1:{port}", DATABASE)
+        server = f"postgresql://{SUPERUSER}:{password}@127.0.0.1:{port}"
+        yield _mlflow_database(server, folder)
     finally:
         # An interrupted start may leave a postmaster that is still writing its pid file.
         _stop_cluster(as_owner, bin_dir, data, patience=0.0 if started else 5.0)
         owner.unlink(missing_ok=True)
+
+
+def _mlflow_database(server: str, folder: Path) -> str:
+    """Create the ``mlflow`` database; a refused password is an error naming its file."""
+    import psycopg
+
+    try:
+        return create_database(server, DATABASE)
+    except psycopg.OperationalError as error:
+        if "password authentication failed" not in str(error):
+            raise
+        raise RuntimeError(
+            f"the PostgreSQL cluster in {folder} refused the password in "
+            f"{folder / PASSWORD_FILE}: {_RESET}"
+        ) from None
+
+
+_RESET = (
+    "put back the file it was made with, or set the method of every line of data/pg_hba.conf "
+    "to `trust`: the next start then sets a new password"
+)
+
+
+# %% the superuser's password
+
+
+def _password(folder: Path, create: bool) -> str:
+    """The superuser's password, from ``folder/password``; ``create``: generated when missing."""
+    file = folder / PASSWORD_FILE
+    if not file.exists() and create:
+        draft = folder / f".{PASSWORD_FILE}.{os.getpid()}"
+        draft.unlink(missing_ok=True)
+        with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(secrets.token_urlsafe(24) + "\n")  # URL-safe: no quoting in the URI
+        draft.replace(file)  # whole or absent, even when interrupted
+    try:
+        file.chmod(0o600)  # whoever opened it up: the password unlocks the whole cluster
+        password = file.read_text().strip()
+    except FileNotFoundError:
+        password = ""
+    if not password:
+        raise RuntimeError(
+            f"the password of the PostgreSQL cluster in {folder} is missing ({file}): {_RESET}"
+        )
+    return password
+
+
+@contextlib.contextmanager
+def _initdb_password(folder: Path, password: str) -> T.Iterator[Path]:
+    """The password in a file ``initdb`` can read (it runs as ``postgres`` for root), for the block.
+
+    Never on a command line, where ``ps`` would show it to every user; removed once read.
+    """
+    file = folder / ".initdb-password"
+    file.unlink(missing_ok=True)  # left by an interrupted start
+    try:
+        with os.fdopen(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(file, SUPERUSER, SUPERUSER)
+        yield file
+    finally:
+        file.unlink(missing_ok=True)
+
+
+_HBA_METHOD = re.compile(r"^([ \t]*(?:local|host\w*)[ \t].*?[ \t])trust([ \t]*(?:#.*)?)$", re.M)
+
+
+def _trusting(data: Path) -> bool:
+    """Whether a line of the cluster's ``pg_hba.conf`` trusts (``initdb -A trust``, old code)."""
+    return bool(_HBA_METHOD.search((data / "pg_hba.conf").read_text()))
+
+
+def _to_scram(as_owner: list[str], bin_dir: Path, data: Path, port: int, password: str) -> None:
+    """Give a trusting cluster's superuser ``password`` and ask it of every connection.
+
+    Done on the socket alone (in the data folder, closed to other users): no one else can
+    connect while the cluster still trusts. The server receives the scram verifier, not the
+    password. The data stays; ``pg_hba.conf``'s ``trust`` becomes ``scram-sha-256``.
+    """
+    import psycopg
+    from psycopg import sql
+
+    socket_only = f"-c listen_addresses='' -p {port} -k {data}"
+    log = data.parent / "postgres.log"
+    _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "-l", log, "-o", socket_only, "-w", "-t", "60",
+        "start", log=log)  # fmt: skip
+    try:
+        with psycopg.connect(host=str(data), port=port, user=SUPERUSER, dbname="postgres",
+                             autocommit=True, connect_timeout=10) as db:  # fmt: skip
+            verifier = db.pgconn.encrypt_password(
+                password.encode(), SUPERUSER.encode(), b"scram-sha-256"
+            ).decode()
+            db.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(SUPERUSER), sql.Literal(verifier)
+                )
+            )
+    finally:
+        _pg(as_owner, bin_dir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop", check=False)
+    hba = data / "pg_hba.conf"
+    draft = data / "pg_hba.conf.scram"
+    draft.write_text(_HBA_METHOD.sub(r"\1scram-sha-256\2", hba.read_text()))
+    status = hba.stat()
+    os.chown(draft, status.st_uid, status.st_gid)  # root's edit stays the postgres user's file
+    draft.chmod(status.st_mode & 0o777)
+    draft.replace(hba)
 
 
 def _stop_cluster(as_owner: list[str], bin_dir: Path, data: Path, patience: float) -> None:
@@ -278,9 +402,11 @@ def _pg(
 
 
 def create_database(server: str, name: str) -> str:
-    """Create database ``name`` (unless it exists) on ``server`` (``postgresql://user@host:port``).
+    """Create database ``name`` (unless it exists) on ``server``.
 
-    Returns its URI. ``name`` is a plain identifier (letters, digits, underscores).
+    ``server``: ``postgresql://user:password@host:port`` (the password may be left out where
+    the server trusts). Returns its URI. ``name`` is a plain identifier (letters, digits,
+    underscores).
     """
     import psycopg
     from psycopg import sql

@@ -34,20 +34,29 @@ def free_port(host: str = "127.0.0.1") -> int:
         >>> 0 < free_port() < 65536
         True
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def check_free(port: int) -> None:
-    """Raise ``RuntimeError`` when ``port`` on 127.0.0.1 is taken (as a server would bind it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def check_free(port: int, host: str = "127.0.0.1") -> None:
+    """Raise ``RuntimeError`` when a server could not listen on ``port`` of ``host``."""
+    import errno
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         # as the server binds: a port left in TIME_WAIT by an earlier server is free
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         except OSError as exc:
-            raise RuntimeError(f"port {port} on 127.0.0.1 is in use: {exc.strerror}") from None
+            if exc.errno == errno.EADDRINUSE:
+                raise RuntimeError(f"port {port} on {host} is in use: {exc.strerror}") from None
+            raise RuntimeError(
+                f"cannot listen on {host} port {port}: {exc.strerror or exc} (is {host} an "
+                "address of this machine?)"
+            ) from None
 
 
 def main_thread_on_linux() -> bool:
