@@ -43,8 +43,8 @@ print(json.dumps({"run_id": run.info.run_id, "seconds": seconds}), flush=True)
 
 
 def run(context: Context) -> list[Row]:
+    from regression_model_template.other_hosts import OtherHostUnavailable
     from regression_model_template.server.postgres import PostgresUnavailable
-    from regression_model_template.testing import OtherHostUnavailable
 
     try:
         return bench_network(context.folder / "network", context.sizes)
@@ -76,9 +76,10 @@ def _job(
 def bench_network(folder: Path, sizes: Sizes) -> list[Row]:
     """20,000 values from another host over TLS with auth vs on loopback without them."""
     from regression_model_template.io.stores import environ_restored
+    from regression_model_template.other_hosts import other_host
     from regression_model_template.server.processes import free_port
     from regression_model_template.server.stack import team_server
-    from regression_model_template.testing import clean_environ, other_host
+    from regression_model_template.testing import clean_environ
 
     count = sizes.team_values
     remote_folder, local_folder = folder / "remote", folder / "local"

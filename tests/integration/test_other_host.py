@@ -1,7 +1,7 @@
 """The team's server as another machine sees it: a network namespace on a private link.
 
 The other host is a network namespace joined to this one by a veth pair (addresses from
-198.18.0.0/15 only, :func:`regression_model_template.testing.other_host`); the team's stack
+198.18.0.0/15 only, :func:`regression_model_template.other_hosts.other_host`); the team's stack
 listens on this host's end of the link, with credentials and TLS, as for a team on a network.
 Commands on the other host are this machine's programs run through ``ip netns exec``: same
 files, same Python, another network.
@@ -24,15 +24,14 @@ from pathlib import Path
 import pytest
 
 from regression_model_template.io.stores import environ_restored
-from regression_model_template.server.stack import TeamServer, team_server
-from regression_model_template.testing import (
+from regression_model_template.other_hosts import (
     TEST_NETWORK,
     OtherHost,
     OtherHostUnavailable,
-    clean_environ,
-    free_port,
     other_host,
 )
+from regression_model_template.server.stack import TeamServer, team_server
+from regression_model_template.testing import clean_environ, free_port
 from tests.integration.conftest import postgres_folder, require_postgres
 from tests.integration.test_server import MODEL_LINE, REGISTRY_NAME, RUN_LINE, explain
 

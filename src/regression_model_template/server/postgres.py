@@ -29,7 +29,7 @@ import time
 import typing as T
 from pathlib import Path
 
-from regression_model_template.server.processes import free_port, tail
+from regression_model_template.server.processes import apt_install, free_port, tail
 
 __all__ = [
     "DATABASE",
@@ -73,22 +73,13 @@ def postgres_bin(install: bool = True) -> Path:
             "PostgreSQL is not installed (no initdb/pg_ctl in /usr/lib/postgresql/*/bin or on "
             "PATH); install it with `apt-get install postgresql` (as root)"
         )
-    done = _apt("install", "-y", "--no-upgrade", "--no-install-recommends", "postgresql")
-    if done.returncode != 0:  # a fresh machine has no package lists yet
-        _apt("update")
-        done = _apt("install", "-y", "--no-upgrade", "--no-install-recommends", "postgresql")
+    output = apt_install("postgresql")
     found = _installed_bin()
     if found is None:
         raise PostgresUnavailable(
-            "`apt-get install postgresql` did not install PostgreSQL:\n"
-            + (done.stdout + done.stderr)[-3000:]
+            "`apt-get install postgresql` did not install PostgreSQL:\n" + output[-3000:]
         )
     return found
-
-
-def _apt(*args: str) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(["apt-get", *args], capture_output=True, text=True, env=environ)
 
 
 def _installed_bin() -> Path | None:

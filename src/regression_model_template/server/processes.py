@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 __all__ = [
+    "apt_install",
     "check_free",
     "die_with_parent",
     "free_port",
@@ -97,3 +98,23 @@ def stop_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(group, signal.SIGKILL)
+
+
+def apt_install(package: str) -> str:
+    """Install Debian's ``package`` with ``apt-get`` (as root); return its output.
+
+    A fresh machine has no package lists yet: when the first try fails, they are updated and
+    the install tried again. What is installed is not upgraded, and services are not started.
+    The caller checks that what it needs is now there (the output tells why when it is not).
+    """
+    environ = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+
+    def apt(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["apt-get", *args], capture_output=True, text=True, env=environ)
+
+    install = ("install", "-y", "--no-upgrade", "--no-install-recommends", package)
+    done = apt(*install)
+    if done.returncode != 0:
+        apt("update")
+        done = apt(*install)
+    return done.stdout + done.stderr
