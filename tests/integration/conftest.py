@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import pytest
 from regression_model_template.io.masking import mask_uri
 from regression_model_template.server.postgres import PostgresUnavailable, postgres_bin
 from regression_model_template.server.stack import TeamServer, team_server
-from regression_model_template.testing import free_port, local_mlflow_server
+from regression_model_template.testing import clean_environ, free_port, local_mlflow_server
 from tests.integration.recording_proxy import RecordingProxy
 
 # These machines have no internet: keep MLflow's telemetry quiet in the test process too.
@@ -88,3 +89,26 @@ def lines_until(process: subprocess.Popen[str], prefix: str, seconds: float = 24
         if not line or line.startswith(prefix):
             break
     return lines
+
+
+def ctrl_c_enabled() -> None:
+    """In the child: SIGINT does what it does in a terminal's foreground job.
+
+    A test run started in the background of a shell (CI scripts can be) inherits SIGINT
+    ignored, and so would the server command, which then could not be stopped by Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def server_command(
+    folder: Path | str, port: int | None = None, *, cwd: Path | None = None, merged: bool = False
+) -> subprocess.Popen[str]:
+    """``regression-model-template server --folder FOLDER`` (1 worker) in a child, as typed at
+    a terminal (Ctrl-C stops it); its output piped, stderr into stdout when ``merged``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "regression_model_template", "server",
+         "--folder", str(folder), "--port", str(port or free_port()), "--workers", "1"],
+        cwd=cwd, env=clean_environ(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True,
+        preexec_fn=ctrl_c_enabled,
+    )  # fmt: skip

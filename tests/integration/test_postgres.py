@@ -26,7 +26,13 @@ from regression_model_template.io.services import MlflowService, ServiceError
 from regression_model_template.server.postgres import create_database, postgres_cluster
 from regression_model_template.server.stack import TeamServer
 from regression_model_template.testing import clean_environ, free_port
-from tests.integration.conftest import lines_until, postgres_folder, require_postgres
+from tests.integration.conftest import (
+    ctrl_c_enabled,
+    lines_until,
+    postgres_folder,
+    require_postgres,
+    server_command,
+)
 from tests.integration.test_server import (
     MODEL_LINE,
     RUN_LINE,
@@ -95,15 +101,6 @@ def children(
         stdout, stderr = process.communicate(timeout=600)
         results.append(subprocess.CompletedProcess(argv, process.returncode, stdout, stderr))
     return results
-
-
-def ctrl_c_enabled() -> None:
-    """In the child: SIGINT does what it does in a terminal's foreground job.
-
-    A test run started in the background of a shell (CI scripts can be) inherits SIGINT
-    ignored, and so would the server command, which then could not be stopped by Ctrl-C.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # %% the jobs, through a server on PostgreSQL and directly on PostgreSQL
@@ -380,12 +377,7 @@ def test_a_second_server_on_the_same_folder_leaves_the_running_one_alone(tmp_pat
 def test_the_server_command_stops_when_its_server_dies(tmp_path: Path) -> None:
     require_postgres()
     folder = postgres_folder("rmt-dying-server-")
-    command = subprocess.Popen(
-        [sys.executable, "-m", "regression_model_template", "server",
-         "--folder", str(folder), "--port", str(free_port()), "--workers", "1"],
-        env=clean_environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=ctrl_c_enabled,
-    )  # fmt: skip
+    command = server_command(folder)
     try:
         assert command.stdout is not None
         ready = command.stdout.readline() + command.stdout.readline()

@@ -22,8 +22,12 @@ import pytest
 from regression_model_template.server.postgres import cluster_folder, cluster_name, postgres_bin
 from regression_model_template.server.tracking_server import running
 from regression_model_template.testing import clean_environ, free_port
-from tests.integration.conftest import lines_until, postgres_folder, require_postgres
-from tests.integration.test_postgres import ctrl_c_enabled
+from tests.integration.conftest import (
+    lines_until,
+    postgres_folder,
+    require_postgres,
+    server_command,
+)
 from tests.integration.test_server import client_for
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -36,13 +40,7 @@ CLUSTER_LINE = re.compile(
 
 def start(project: Path, port: int) -> tuple[subprocess.Popen[str], str]:
     """Run `regression-model-template server --folder .server` in ``project``; its ready text."""
-    command = subprocess.Popen(
-        [sys.executable, "-m", "regression_model_template", "server",
-         "--folder", ".server", "--port", str(port), "--workers", "1"],
-        cwd=project, env=clean_environ(), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=ctrl_c_enabled,
-    )  # fmt: skip
+    command = server_command(".server", port, cwd=project, merged=True)
     return command, "".join(lines_until(command, "Ctrl-C stops it"))
 
 

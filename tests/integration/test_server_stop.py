@@ -12,16 +12,18 @@ import http.client
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from regression_model_template.testing import clean_environ, free_port
-from tests.integration.conftest import lines_until, postgres_folder, require_postgres
-from tests.integration.test_postgres import ctrl_c_enabled
+from tests.integration.conftest import (
+    lines_until,
+    postgres_folder,
+    require_postgres,
+    server_command,
+)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -63,13 +65,7 @@ def _wait_for(what: str, path: Path, command: subprocess.Popen[str]) -> None:
 def test_ctrl_c_or_sigterm_again_while_the_server_stops_is_ignored(tmp_path: Path) -> None:
     require_postgres()
     folder = postgres_folder("rmt-server-stop-")
-    command = subprocess.Popen(
-        [sys.executable, "-m", "regression_model_template", "server",
-         "--folder", str(folder), "--port", str(free_port()), "--workers", "1"],
-        cwd=tmp_path, env=clean_environ(), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=ctrl_c_enabled,
-    )  # fmt: skip
+    command = server_command(folder, cwd=tmp_path, merged=True)
     try:
         # given the server command running, and a client downloading from its server
         lines = lines_until(command, "tracking server ready")

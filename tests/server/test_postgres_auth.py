@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +18,14 @@ import pytest
 
 from regression_model_template.io.services import MlflowService, ServiceError
 from regression_model_template.server.postgres import PASSWORD_FILE, postgres_bin, postgres_cluster
-from regression_model_template.testing import clean_environ, free_port
+from regression_model_template.testing import free_port
 from tests.conftest import LogCapture
-from tests.integration.conftest import lines_until, postgres_folder, require_postgres
-from tests.integration.test_postgres import ctrl_c_enabled
+from tests.integration.conftest import (
+    lines_until,
+    postgres_folder,
+    require_postgres,
+    server_command,
+)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -166,12 +169,7 @@ def test_mlflow_service_on_the_cluster_masks_the_password(
 def test_the_server_command_shows_the_password_to_no_one(tmp_path: Path) -> None:
     require_postgres()
     top = postgres_folder("rmt-pg-hidden-")
-    command = subprocess.Popen(
-        [sys.executable, "-m", "regression_model_template", "server",
-         "--folder", str(top), "--port", str(free_port()), "--workers", "1"],
-        env=clean_environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=ctrl_c_enabled,
-    )  # fmt: skip
+    command = server_command(top)
     try:
         ready = lines_until(command, "tracking server ready")
         assert ready[-1].startswith("tracking server ready"), ready
