@@ -37,7 +37,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from regression_model_template.server.tls import write_private
+from regression_model_template.server.processes import write_private
 
 __all__ = ["MIN_PASSWORD", "Admin", "admin_from", "auth_environment", "check_admin", "secrets_of"]
 

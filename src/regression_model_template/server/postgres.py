@@ -29,7 +29,7 @@ import time
 import typing as T
 from pathlib import Path
 
-from regression_model_template.server.processes import apt_install, free_port, tail
+from regression_model_template.server.processes import apt_install, free_port, tail, write_private
 
 __all__ = [
     "DATABASE",
@@ -177,12 +177,8 @@ _RESET = (
 def _password(folder: Path, create: bool) -> str:
     """The superuser's password, from ``folder/password``; ``create``: generated when missing."""
     file = folder / PASSWORD_FILE
-    if not file.exists() and create:
-        draft = folder / f".{PASSWORD_FILE}.{os.getpid()}"
-        draft.unlink(missing_ok=True)
-        with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-            out.write(secrets.token_urlsafe(24) + "\n")  # URL-safe: no quoting in the URI
-        draft.replace(file)  # whole or absent, even when interrupted
+    if not file.exists() and create:  # URL-safe: no quoting in the URI
+        write_private(file, (secrets.token_urlsafe(24) + "\n").encode())
     try:
         file.chmod(0o600)  # whoever opened it up: the password unlocks the whole cluster
         password = file.read_text().strip()
@@ -202,10 +198,8 @@ def _initdb_password(folder: Path, password: str) -> T.Iterator[Path]:
     Never on a command line, where ``ps`` would show it to every user; removed once read.
     """
     file = folder / ".initdb-password"
-    file.unlink(missing_ok=True)  # left by an interrupted start
     try:
-        with os.fdopen(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-            out.write(password + "\n")
+        write_private(file, (password + "\n").encode())
         if os.geteuid() == 0:
             shutil.chown(file, SUPERUSER, SUPERUSER)
         yield file

@@ -25,6 +25,7 @@ __all__ = [
     "main_thread_on_linux",
     "stop_group",
     "tail",
+    "write_private",
 ]
 
 
@@ -118,3 +119,13 @@ def apt_install(package: str) -> str:
         apt("update")
         done = apt(*install)
     return done.stdout + done.stderr
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to a file no one else can read, at no moment (created 0600, then renamed)."""
+    part = path.with_name(path.name + ".part")
+    part.unlink(missing_ok=True)
+    descriptor = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as sink:
+        sink.write(data)
+    os.replace(part, path)

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import typing as T
 from pathlib import Path
+
+from regression_model_template.server.processes import write_private
 
 if T.TYPE_CHECKING:
     from cryptography import x509
 
-__all__ = ["TlsPair", "fingerprint", "tls_pair", "user_pair", "valid_for", "write_private"]
+__all__ = ["TlsPair", "fingerprint", "tls_pair", "user_pair", "valid_for"]
 
 #: How long a made certificate is valid; an expired one is made again at the next start.
 VALIDITY = datetime.timedelta(days=825)
@@ -183,16 +184,6 @@ def _make(pair: TlsPair, host: str) -> None:
     )
     write_private(pair.key, pem)
     pair.certificate.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to a file no one else can read, at no moment (created 0600, then renamed)."""
-    part = path.with_name(path.name + ".part")
-    part.unlink(missing_ok=True)
-    descriptor = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as sink:
-        sink.write(data)
-    os.replace(part, path)
 
 
 def _names(cert: x509.Certificate) -> list[str]:

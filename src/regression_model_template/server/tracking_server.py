@@ -14,6 +14,8 @@ import typing as T
 import urllib.request
 from pathlib import Path
 
+from regression_model_template.io.masking import redact
+from regression_model_template.server import auth
 from regression_model_template.server.processes import (
     check_free,
     die_with_parent,
@@ -82,9 +84,6 @@ def mlflow_server(
             within ``startup_timeout`` seconds (the message ends with its output), or its
             admin is refused.
     """
-    from regression_model_template.io.masking import redact
-    from regression_model_template.server import auth
-
     port = port or free_port(host)
     check_free(port, host)  # else another server's /health would answer for ours
     url = server_url(host, port, tls is not None)
