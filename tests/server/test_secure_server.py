@@ -57,6 +57,13 @@ def _server(folder: Path, admin: Admin) -> T.Any:
     )
 
 
+def _python(code: str, environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a new Python with ``environ``, as a user's script on another shell."""
+    return subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120
+    )
+
+
 def test_only_a_known_user_with_the_certificate_gets_in(tmp_path: Path) -> None:
     certificate = tmp_path / "tls" / "server.crt"
     with _server(tmp_path, ADMIN) as url:
@@ -79,28 +86,14 @@ def test_only_a_known_user_with_the_certificate_gets_in(tmp_path: Path) -> None:
             MLFLOW_TRACKING_USERNAME=ADMIN.username,
             MLFLOW_TRACKING_PASSWORD=ADMIN.password,
         )
-        added = subprocess.run(
-            [sys.executable, "-c", code],
-            env=environ,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        added = _python(code, environ)
         assert added.returncode == 0, added.stderr
 
         # then the new user logs values into the experiment, trusting the certificate
         environ.update(
             MLFLOW_TRACKING_USERNAME="bob", MLFLOW_TRACKING_PASSWORD="bob-s3cret-password"
         )
-        logged = subprocess.run(
-            [sys.executable, "-c", _BOB_LOGS],
-            env=environ,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        logged = _python(_BOB_LOGS, environ)
         assert logged.returncode == 0, logged.stderr
         assert logged.stdout.strip().splitlines()[-1] == "FINISHED 0.5"
 
