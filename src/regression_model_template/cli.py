@@ -136,7 +136,25 @@ def _parser() -> argparse.ArgumentParser:
         "database are kept (.server)",
     )
     server.add_argument(
-        "--workers", type=int, default=2, help="mlflow server processes (2; see the README)"
+        "--workers",
+        type=int,
+        default=2,
+        help="processes of each mlflow server (2; see the README)",
+    )
+    server.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="mlflow servers behind haproxy on PORT (1: one server, no balancer); one that "
+        "dies is restarted, and SIGHUP restarts them one at a time",
+    )
+    server.add_argument(
+        "--artifacts-destination",
+        metavar="URI",
+        help="where the artifacts are kept: a folder (FOLDER/artifacts) or s3://BUCKET/PREFIX "
+        "(MLFLOW_S3_ENDPOINT_URL, AWS_* variables; needs the [s3] extra); jobs upload "
+        "through the server",
     )
     server.add_argument(
         "--reap-after",
@@ -183,6 +201,8 @@ def main(argv: T.Sequence[str] | None = None) -> int:
                 host=args.host,
                 tls_cert=args.tls_cert,
                 tls_key=args.tls_key,
+                replicas=args.replicas,
+                artifacts=args.artifacts_destination,
             )
         container = _container(args.profile, args.overrides)
         if args.command == "config":
@@ -401,18 +421,27 @@ def _serve(
     host: str = "127.0.0.1",
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    replicas: int = 1,
+    artifacts: str | None = None,
 ) -> int:
-    """Run the team stack until Ctrl-C or SIGTERM, or until the server stops answering."""
+    """Run the team stack until Ctrl-C or SIGTERM, or until the server stops answering.
+
+    With replicas, SIGHUP restarts them one at a time (:meth:`.replicas.Replicas.restart`).
+    """
     import signal
     from pathlib import Path
 
     from regression_model_template.io.stop_signals import Terminated, stop_once
     from regression_model_template.server import auth, tls
+    from regression_model_template.server.artifacts import artifacts_destination
     from regression_model_template.server.stack import team_server
     from regression_model_template.server.tracking_server import is_loopback, running
 
-    if not 0 < port < 65536 or workers < 1:
-        raise UsageError(f"--port must be 1-65535 and --workers at least 1 (got {port}, {workers})")
+    if not 0 < port < 65536 or workers < 1 or replicas < 1:
+        raise UsageError(
+            "--port must be 1-65535, --workers and --replicas at least 1 "
+            f"(got {port}, {workers}, {replicas})"
+        )
     if not 0 <= reap_after < math.inf:
         raise UsageError(f"--reap-after must be 0 (off) or more seconds (got {reap_after:g})")
     if host in ("0.0.0.0", "::", ""):
@@ -430,6 +459,7 @@ def _serve(
             auth.admin_from(os.environ)
         if tls_cert is not None and tls_key is not None:
             tls.user_pair(Path(tls_cert), Path(tls_key), host)
+        artifacts_destination(artifacts, Path(folder))
     except ValueError as error:
         raise UsageError(str(error)) from None
     print(f"starting PostgreSQL and mlflow server in {folder}/ ...", flush=True)
@@ -446,13 +476,23 @@ def _serve(
                 host=host,
                 tls_cert=Path(tls_cert) if tls_cert else None,
                 tls_key=Path(tls_key) if tls_key else None,
+                replicas=replicas,
+                artifacts=artifacts,
             ) as stack,
         ):
+            hangup = signal.getsignal(signal.SIGHUP)
+            if stack.replicas is not None:
+                group = stack.replicas  # the handler runs in this thread: it only asks
+                signal.signal(signal.SIGHUP, lambda *_: group.restart(wait=False))
             print(_ready(stack, folder, host, reap_after), flush=True)
             misses = 0  # consecutive /health checks without an answer
-            while misses < 3:
-                time.sleep(2.0)
-                misses = 0 if running(stack.url, certificate=stack.certificate) else misses + 1
+            try:
+                while misses < 3:
+                    time.sleep(2.0)
+                    answers = running(stack.url, certificate=stack.certificate)
+                    misses = 0 if answers else misses + 1
+            finally:
+                signal.signal(signal.SIGHUP, hangup)
             print(f"error: the tracking server stopped answering; see {folder}/server.log",
                   file=sys.stderr)  # fmt: skip
             return 1
@@ -493,6 +533,12 @@ def _ready(stack: T.Any, folder: str, host: str, reap_after: float) -> str:
         lines.append(
             "  basic auth: jobs also set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
             "(a user's; the admin adds users, see the README)"
+        )
+    lines.append(f"  artifacts in {mask_uri(stack.artifacts)} (jobs upload through the server)")
+    if stack.replicas is not None:
+        lines.append(
+            f"  {len(stack.replicas.groups())} replicas behind haproxy (logs "
+            f"{folder}/server-r*.log); `kill -HUP {os.getpid()}` restarts them one at a time"
         )
     lines += [f"  {job} {PROG} run training --profile server", f"  {reaping}", "Ctrl-C stops it."]
     return "\n".join(lines)

@@ -46,7 +46,7 @@ from regression_model_template.containers import Container
 from regression_model_template.io.services import AlertsService
 from regression_model_template.io.stores import MLFLOW_GLOBALS, environ_restored
 from regression_model_template.server.processes import free_port
-from regression_model_template.server.tracking_server import mlflow_server
+from regression_model_template.server.tracking_server import MlflowServer
 
 __all__ = [
     "Alert",
@@ -249,7 +249,7 @@ def local_mlflow_server(
     """Run a real ``mlflow server`` on 127.0.0.1 for the block; yield its URL.
 
     SQLite store and proxied artifacts under ``root``, one worker (ready in ~10 s), started
-    and stopped by :func:`regression_model_template.server.tracking_server.mlflow_server`, in an
+    and stopped by :func:`regression_model_template.server.tracking_server.MlflowServer`, in an
     environment without your shell's MLflow settings (:func:`clean_environ`).
 
     ``port``: the port to listen on (default: a free one). Starting again with the same ``root``
@@ -259,7 +259,7 @@ def local_mlflow_server(
         RuntimeError: the server exited or did not answer ``/health`` within
             ``startup_timeout`` seconds; the message ends with its output.
     """
-    with mlflow_server(
+    with MlflowServer(
         f"sqlite:///{root / 'mlflow.db'}",
         root / "artifacts",
         port=port,

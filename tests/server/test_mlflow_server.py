@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from regression_model_template.server.processes import free_port
-from regression_model_template.server.tracking_server import mlflow_server, running
+from regression_model_template.server.tracking_server import MlflowServer, running
 
 
 def test_a_taken_port_fails_before_a_server_starts(tmp_path: Path) -> None:
@@ -21,7 +21,7 @@ def test_a_taken_port_fails_before_a_server_starts(tmp_path: Path) -> None:
         # when a server is started on it, then it fails at once, naming the port
         with (
             pytest.raises(RuntimeError, match=rf"port {port} on 127.0.0.1 is in use"),
-            mlflow_server(f"sqlite:///{tmp_path}/m.db", tmp_path / "artifacts", port=port),
+            MlflowServer(f"sqlite:///{tmp_path}/m.db", tmp_path / "artifacts", port=port),
         ):
             pass  # pragma: no cover -- never reached
 

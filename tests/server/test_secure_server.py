@@ -21,7 +21,7 @@ import pytest
 
 from regression_model_template.server.auth import Admin, auth_environment
 from regression_model_template.server.tls import tls_pair
-from regression_model_template.server.tracking_server import GUNICORN, mlflow_server
+from regression_model_template.server.tracking_server import GUNICORN, MlflowServer
 from regression_model_template.testing import clean_environ
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -45,7 +45,7 @@ def _status(url: str, certificate: Path, credentials: str | None = None) -> int:
 
 def _server(folder: Path, admin: Admin) -> T.Any:
     pair = tls_pair(folder, "127.0.0.1")
-    return mlflow_server(
+    return MlflowServer(
         f"sqlite:///{folder}/mlflow.db",
         folder / "artifacts",
         env=clean_environ(),

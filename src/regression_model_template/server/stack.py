@@ -9,7 +9,10 @@ from pathlib import Path
 
 from regression_model_template.server import auth, tls
 from regression_model_template.server.postgres import cluster_folder, postgres_cluster
-from regression_model_template.server.tracking_server import GUNICORN, is_loopback, mlflow_server
+from regression_model_template.server.tracking_server import GUNICORN, MlflowServer, is_loopback
+
+if T.TYPE_CHECKING:
+    from regression_model_template.server.replicas import Replicas
 
 __all__ = ["TeamServer", "team_server"]
 
@@ -19,13 +22,17 @@ class TeamServer(T.NamedTuple):
 
     ``certificate``: the server's TLS certificate, for jobs' ``MLFLOW_TRACKING_SERVER_CERT_PATH``
     (None: plain HTTP on loopback). ``database`` may hold PostgreSQL's password: show it
-    through :func:`regression_model_template.io.masking.mask_uri` only.
+    through :func:`regression_model_template.io.masking.mask_uri` only. ``artifacts``: where
+    the server keeps artifacts (a folder, or ``s3://...``). ``replicas``: the servers behind
+    the balancer (None: one server, no balancer).
     """
 
     url: str
     database: str
     cluster: Path
     certificate: Path | None = None
+    artifacts: str = ""
+    replicas: Replicas | None = None
 
 
 def _said(line: str) -> None:
@@ -43,6 +50,8 @@ def team_server(
     host: str = "127.0.0.1",
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    replicas: int = 1,
+    artifacts: str | None = None,
 ) -> T.Iterator[TeamServer]:
     """PostgreSQL and ``mlflow server`` on ``port``, and its reaper, for the block.
 
@@ -61,14 +70,19 @@ def team_server(
     one is told to ``report``). A pair given on loopback serves HTTPS there too.
 
     Raises:
-        ValueError: the admin's variables are missing, or the pair given is unusable.
+        ValueError: the admin's variables are missing, the pair given is unusable, or
+            ``replicas`` or ``artifacts`` is not one this can serve.
         RuntimeError: a part did not start (its output ends the message).
     """
     from regression_model_template.io import reaper
+    from regression_model_template.server.artifacts import artifacts_destination, check_destination
 
     folder = Path(folder).absolute()
+    if replicas < 1:
+        raise ValueError(f"replicas must be 1 or more (got {replicas})")
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("a TLS pair needs both the certificate and the key")
+    destination = artifacts_destination(artifacts, folder)
     facing = not is_loopback(host)
     admin = auth.admin_from(os.environ) if facing else None
     pair: tls.TlsPair | None = None
@@ -76,27 +90,61 @@ def team_server(
         pair = tls.user_pair(tls_cert, tls_key, host)
     elif facing:
         pair = tls.tls_pair(folder, host, report)
+    check_destination(destination)  # a wrong bucket fails the start, not the first upload
     auth_env = auth.auth_environment(folder, admin) if admin else None
     certificate = pair.certificate if pair else None
     cluster = cluster_folder(folder)
-    with (
-        postgres_cluster(cluster) as database,
-        mlflow_server(
-            database,
-            folder / "artifacts",
-            port=port,
-            workers=workers,
-            startup_timeout=120.0,
-            output=folder / "server.log",
-            options=GUNICORN,
-            host=host,
-            tls=pair,
-            auth_env=auth_env,
-        ) as url,
-        _trusting(certificate),
-        reaper.reaping(url, reap_after, report) if reap_after else contextlib.nullcontext(),
-    ):
-        yield TeamServer(url, database, cluster, certificate)
+    with contextlib.ExitStack() as stack:
+        database = stack.enter_context(postgres_cluster(cluster))
+        if replicas == 1:
+            group = None
+            url = stack.enter_context(
+                MlflowServer(database, destination, port=port, workers=workers,
+                             startup_timeout=120.0, output=folder / "server.log",
+                             options=GUNICORN, host=host, tls=pair, auth_env=auth_env)
+            )  # fmt: skip
+        else:
+            group, url = _replicas(stack, database, destination, folder, port, workers, replicas,
+                                   report, host, pair, auth_env)  # fmt: skip
+        stack.enter_context(_trusting(certificate))
+        if reap_after:
+            stack.enter_context(reaper.reaping(url, reap_after, report))
+        yield TeamServer(url, database, cluster, certificate, destination, group)
+
+
+def _replicas(
+    stack: contextlib.ExitStack,
+    database: str,
+    destination: str,
+    folder: Path,
+    port: int,
+    workers: int,
+    count: int,
+    report: T.Callable[[str], None],
+    host: str,
+    pair: tls.TlsPair | None,
+    auth_env: T.Mapping[str, str] | None,
+) -> tuple[Replicas, str]:
+    """Start ``count`` servers on 127.0.0.1, haproxy in front on ``host:port``, their watcher.
+
+    The servers speak plain HTTP on loopback; the balancer serves ``host`` (and TLS). They are
+    started one after the other: the first one makes the databases' tables, which several at
+    once would race to make (see FIELD-NOTES).
+    """
+    from regression_model_template.server.balancer import balancer
+    from regression_model_template.server.replicas import Replicas
+
+    servers = [
+        MlflowServer(database, destination, workers=workers, startup_timeout=120.0,
+                     output=folder / f"server-r{index}.log", options=GUNICORN,
+                     auth_env=auth_env, public=(host, port))
+        for index in range(1, count + 1)
+    ]  # fmt: skip
+    for server in servers:
+        stack.enter_context(server)
+    front = stack.enter_context(balancer(folder / "balancer", host, port, [s.port for s in servers],
+                                         tls=pair))  # fmt: skip
+    return stack.enter_context(Replicas(servers, front, report)), front.url
 
 
 @contextlib.contextmanager

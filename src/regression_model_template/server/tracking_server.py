@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 import shlex
@@ -28,7 +27,7 @@ from regression_model_template.server.processes import (
 if T.TYPE_CHECKING:
     from regression_model_template.server.tls import TlsPair
 
-__all__ = ["GUNICORN", "is_loopback", "mlflow_server", "running", "server_url"]
+__all__ = ["GUNICORN", "MlflowServer", "is_loopback", "running", "server_url"]
 
 
 #: Serve with gunicorn instead of MLflow's default uvicorn: with several uvicorn workers every
@@ -38,38 +37,27 @@ __all__ = ["GUNICORN", "is_loopback", "mlflow_server", "running", "server_url"]
 GUNICORN = ("--gunicorn-opts", "--timeout 600")
 
 
-@contextlib.contextmanager
-def mlflow_server(
-    backend_store_uri: str,
-    artifacts: Path,
-    *,
-    port: int | None = None,
-    workers: int = 1,
-    startup_timeout: float = 60.0,
-    env: T.Mapping[str, str] | None = None,
-    output: Path | None = None,
-    options: T.Sequence[str] = (),
-    host: str = "127.0.0.1",
-    tls: TlsPair | None = None,
-    auth_env: T.Mapping[str, str] | None = None,
-) -> T.Iterator[str]:
-    """Run ``mlflow server`` on ``host`` for the block; yield its URL once it answers.
+class MlflowServer:
+    """``mlflow server`` on ``host``, started and stopped as a whole.
 
+    Use it with ``with``, or :meth:`start` and :meth:`stop`, again and again on the same port.
     Artifacts are proxied (clients upload through the server) into ``artifacts``; the
     background job runner is off (it holds gigabytes and a core for nothing here). The server
-    and every process it started are stopped on exit (SIGTERM to its process group, then
-    SIGKILL); on Linux, when started from the main thread, it also gets SIGTERM if this
-    process dies first.
+    and every process it started are stopped together (SIGTERM to its process group, then
+    SIGKILL); on Linux, started from the main thread, it also gets SIGTERM if this process
+    dies first.
 
     Args:
         backend_store_uri: the server's store (``sqlite:///...``, ``postgresql://...``).
-        artifacts: where the server keeps artifacts.
-        port: the port to listen on (default: a free one).
+        artifacts: where the server keeps artifacts: a folder, or an object store's URI
+            (``s3://bucket/prefix``, reached with the server's ``AWS_*`` variables).
+        port: the port to listen on (default: a free one, kept for every start).
         workers: server processes; see the README on workers and latency.
         startup_timeout: seconds to wait for ``/health``.
         env: the server's environment (default: this process's, without MLflow's client
             settings).
-        output: the file receiving the server's output (default: ``artifacts/../server-*.log``).
+        output: the file receiving the server's output (default: ``server-*.log`` beside the
+            artifacts' folder, or in the current folder).
         options: more ``mlflow server`` options (e.g. :data:`GUNICORN`).
         host: the address (or name) to listen on; MLflow answers requests for it only
             (``MLFLOW_SERVER_ALLOWED_HOSTS``; loopback keeps MLflow's defaults).
@@ -78,62 +66,123 @@ def mlflow_server(
         auth_env: turn on MLflow's basic-auth app with this environment
             (:func:`.auth.auth_environment`); once the server answers, its admin must be let
             in (:func:`.auth.check_admin`).
+        public: the ``(host, port)`` clients reach it by, when a balancer stands in front
+            (default: ``host`` and ``port``); MLflow answers requests for that address.
+
+    Example (``with`` yields the URL once ``/health`` answers)::
+
+        with MlflowServer("sqlite:///m.db", Path("artifacts")) as url:
+            ...
 
     Raises:
-        RuntimeError: the port is taken, or the server exited or did not answer ``/health``
-            within ``startup_timeout`` seconds (the message ends with its output), or its
-            admin is refused.
+        RuntimeError: at start: the port is taken, or the server exited or did not answer
+            ``/health`` within ``startup_timeout`` seconds (the message ends with its output),
+            or its admin is refused.
     """
-    port = port or free_port(host)
-    check_free(port, host)  # else another server's /health would answer for ours
-    url = server_url(host, port, tls is not None)
-    hidden = auth.secrets_of(auth_env or {})
-    artifacts = Path(artifacts).absolute()
-    artifacts.mkdir(parents=True, exist_ok=True)
-    log = output or artifacts.parent / f"server-{time.time_ns()}.log"
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", host,
-        "--port", str(port),
-        "--artifacts-destination", str(artifacts),
-        "--workers", str(workers),
-        *_with_tls(options, tls),
-        *(["--app-name", "basic-auth"] if auth_env is not None else []),
-    ]  # fmt: skip
-    environ = dict(os.environ if env is None else env)
-    if env is None:
-        for name in _CLIENT_SETTINGS:
-            environ.pop(name, None)
-    environ.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-    environ["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri  # not argv: `ps` shows a password
-    if not is_loopback(host):
-        # gunicorn refuses --allowed-hosts; MLflow's middleware reads the variable.
-        environ["MLFLOW_SERVER_ALLOWED_HOSTS"] = f"{_bracketed(host)}:{port},{_bracketed(host)}"
-    environ.update(auth_env or {})
-    with log.open("ab") as sink:
-        process = subprocess.Popen(
-            command,
-            cwd=artifacts.parent,
-            env=environ,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stopped as a whole
-            # PR_SET_PDEATHSIG follows the starting *thread*: only the main thread's lives as
-            # long as the process (a server started from a helper thread would die with it).
-            preexec_fn=die_with_parent if main_thread_on_linux() else None,
-        )
+
+    def __init__(
+        self,
+        backend_store_uri: str,
+        artifacts: Path | str,
+        *,
+        port: int | None = None,
+        workers: int = 1,
+        startup_timeout: float = 60.0,
+        env: T.Mapping[str, str] | None = None,
+        output: Path | None = None,
+        options: T.Sequence[str] = (),
+        host: str = "127.0.0.1",
+        tls: TlsPair | None = None,
+        auth_env: T.Mapping[str, str] | None = None,
+        public: tuple[str, int] | None = None,
+    ) -> None:
+        self.port = port or free_port(host)
+        self.host = host
+        self.url = server_url(host, self.port, tls is not None)
+        # a folder is made at start; an object store's URI is handed over as it is
+        self.folder = None if "://" in str(artifacts) else Path(artifacts).absolute()
+        home = self.folder.parent if self.folder else Path.cwd()
+        self.log = (output or home / f"server-{time.time_ns()}.log").absolute()
+        self.startup_timeout = startup_timeout
+        self.certificate = tls.certificate if tls else None
+        self._auth_env = auth_env
+        self._hidden = auth.secrets_of(auth_env or {})
+        self._command = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", host,
+            "--port", str(self.port),
+            "--artifacts-destination", str(self.folder or artifacts),
+            "--workers", str(workers),
+            *_with_tls(options, tls),
+            *(["--app-name", "basic-auth"] if auth_env is not None else []),
+        ]  # fmt: skip
+        environ = dict(os.environ if env is None else env)
+        if env is None:
+            for name in _CLIENT_SETTINGS:
+                environ.pop(name, None)
+        environ.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+        environ["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri  # not argv: `ps` shows a password
+        named, at = public or (host, self.port)
+        if not is_loopback(named):
+            # gunicorn refuses --allowed-hosts; MLflow's middleware reads the variable.
+            environ["MLFLOW_SERVER_ALLOWED_HOSTS"] = f"{_bracketed(named)}:{at},{_bracketed(named)}"
+        environ.update(auth_env or {})
+        self._environ = environ
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, tied: bool | None = None) -> str:
+        """Start the server; return its URL once it answers (and lets its admin in).
+
+        ``tied``: the server gets SIGTERM when the thread starting it ends (PR_SET_PDEATHSIG
+        follows the starting *thread*; default: only from the main thread, which lives as long
+        as the process). A thread that outlives its servers passes True.
+        """
+        if self.process is not None:
+            raise RuntimeError(f"the mlflow server on port {self.port} is already running")
+        check_free(self.port, self.host)  # else another server's /health would answer for ours
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        tie = main_thread_on_linux() if tied is None else tied and sys.platform == "linux"
+        with self.log.open("ab") as sink:
+            self.process = subprocess.Popen(
+                self._command,
+                cwd=self.log.parent,
+                env=self._environ,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stopped as a whole
+                preexec_fn=die_with_parent if tie else None,
+            )
         try:
-            certificate = tls.certificate if tls else None
             try:
-                _wait_for_health(process, url, log, startup_timeout, certificate)
+                _wait_for_health(
+                    self.process, self.url, self.log, self.startup_timeout, self.certificate
+                )
             except RuntimeError as error:  # its output must not show a secret either
-                raise RuntimeError(redact(str(error), hidden)) from None
-            if auth_env is not None:
-                auth.check_admin(url, auth_env, certificate)
-            yield url
-        finally:
-            stop_group(process)
+                raise RuntimeError(redact(str(error), self._hidden)) from None
+            if self._auth_env is not None:
+                auth.check_admin(self.url, self._auth_env, self.certificate)
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def stop(self) -> None:
+        """Stop the server and every process it started (nothing when it is not running)."""
+        if self.process is not None:
+            stop_group(self.process)
+            self.process = None
+
+    def exited(self) -> int | None:
+        """The exit code of a started server that has exited since (None: running, or stopped)."""
+        return None if self.process is None else self.process.poll()
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 #: MLflow's client settings: a server started from a job's shell must not inherit them.
