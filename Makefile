@@ -69,14 +69,16 @@ bench: $(STAMP)  ## benchmarks against raw MLflow and loguru; writes benchmarks/
 # $(SERVER_DIR)/postgres, or under PostgreSQL's data root when the postgres user cannot reach that folder;
 # created on first use and kept) and mlflow server on $(HOST):$(PORT). Another HOST than loopback
 # serves a network: HTTPS and basic auth (the admin from MLFLOW_TRACKING_USERNAME/PASSWORD).
+# REPLICAS above 1 runs that many mlflow servers behind haproxy on $(HOST):$(PORT).
 HOST ?= 127.0.0.1
 PORT ?= 5000
 SERVER_DIR ?= .server
 WORKERS ?= 2
+REPLICAS ?= 1
 
 server: $(STAMP)  ## PostgreSQL + mlflow server on $(HOST):$(PORT) (make server PORT=5001); Ctrl-C stops both
 	$(BIN)/regression-model-template server --host $(HOST) --port $(PORT) --folder $(SERVER_DIR) \
-		--workers $(WORKERS)
+		--workers $(WORKERS) --replicas $(REPLICAS)
 
 clean:
 	rm -rf $(VENV) .nox .mypy_cache .pytest_cache .ruff_cache $(DOCS) build dist

@@ -25,6 +25,30 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
+# A training loop's logging: one value per step through MlflowService.log_metrics until the
+# stop file exists, timing each call. Prints the run's id at its start; writes {"run_id",
+# "steps", "worst"} to the report at the end. argv: URL, spool, stop file, report, experiment.
+LOGGING_JOB = """
+import json, sys, time
+from pathlib import Path
+from regression_model_template.io.services import MlflowService
+url, spool, stop, report, experiment = sys.argv[1:6]
+service = MlflowService(tracking_uri=url, experiment_name=experiment,
+                        spool_dir=spool, autolog_disable=True, end_timeout=300)
+config = MlflowService.RunConfig(name="logging", log_system_metrics=False)
+worst, steps, stop_file = 0.0, 0, Path(stop)
+with service, service.run_context(config) as run:
+    print(run.info.run_id, flush=True)
+    while not stop_file.exists():
+        begin = time.perf_counter()
+        service.log_metrics({"loss": steps * 0.5}, step=steps)
+        worst = max(worst, time.perf_counter() - begin)
+        steps += 1
+        time.sleep(0.002)  # a training loop: ~400 steps/s
+Path(report).write_text(json.dumps({"run_id": run.info.run_id, "steps": steps, "worst": worst}))
+"""
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``mlflow server`` on 127.0.0.1, shared by the session; yields its URL."""

@@ -32,7 +32,7 @@ from regression_model_template.other_hosts import (
 )
 from regression_model_template.server.stack import TeamServer, team_server
 from regression_model_template.testing import clean_environ, free_port
-from tests.integration.conftest import postgres_folder, require_postgres
+from tests.integration.conftest import LOGGING_JOB, postgres_folder, require_postgres
 from tests.integration.test_server import MODEL_LINE, REGISTRY_NAME, RUN_LINE, explain
 
 ADMIN, PASSWORD = "admin", "other-host-Pa55"  # the stack's admin (its environment at start)
@@ -59,29 +59,6 @@ try:
 except requests.RequestException as error:
     print(type(error).__name__)
 """
-
-# Run on the other host: logs one value per step through MlflowService.log_metrics until the
-# stop file exists, timing each call; then writes {"run_id", "steps", "worst"} to the report.
-PARTITION_JOB = """
-import json, sys, time
-from pathlib import Path
-from regression_model_template.io.services import MlflowService
-url, spool, stop, report = sys.argv[1:5]
-service = MlflowService(tracking_uri=url, experiment_name="other-host-partition",
-                        spool_dir=spool, autolog_disable=True, end_timeout=300)
-config = MlflowService.RunConfig(name="partition", log_system_metrics=False)
-worst, steps, stop_file = 0.0, 0, Path(stop)
-with service, service.run_context(config) as run:
-    print(run.info.run_id, flush=True)
-    while not stop_file.exists():
-        begin = time.perf_counter()
-        service.log_metrics({"loss": steps * 0.5}, step=steps)
-        worst = max(worst, time.perf_counter() - begin)
-        steps += 1
-        time.sleep(0.002)  # a training loop: ~400 steps/s
-Path(report).write_text(json.dumps({"run_id": run.info.run_id, "steps": steps, "worst": worst}))
-"""
-
 
 @pytest.fixture(scope="module")
 def host() -> Iterator[OtherHost]:
@@ -265,9 +242,9 @@ def test_a_link_cut_while_logging_loses_nothing(
 ) -> None:
     # given a job on the other host logging a value every few milliseconds
     stop, report = tmp_path / "stop", tmp_path / "report.json"
-    argv = [stack.url, str(tmp_path / "spool"), str(stop), str(report)]
+    argv = [stack.url, str(tmp_path / "spool"), str(stop), str(report), "other-host-partition"]
     job = subprocess.Popen(
-        host.command([sys.executable, "-c", PARTITION_JOB, *argv]),
+        host.command([sys.executable, "-c", LOGGING_JOB, *argv]),
         env=job_environ(stack), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
