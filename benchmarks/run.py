@@ -7,6 +7,7 @@ Usage (``make bench`` runs the full set and writes benchmarks/RESULTS.md)::
     python benchmarks/run.py --only team,job   # some groups only; prints, writes no table
                                                # unless --output is given
     python benchmarks/run.py --only network    # another host (a network namespace: root)
+    python benchmarks/run.py --only replicas   # 2 replicas behind haproxy vs 1 server
 
 Each figure is a median over repeats, divided by its baseline measured in the same run: these
 machines are noisy, ratios are what we compare. Each group is a module of this folder.
@@ -36,6 +37,7 @@ from benchmarks import (
     metrics,
     network,
     outage,
+    replicas,
     run_log,
     team,
 )
@@ -51,6 +53,7 @@ GROUPS: dict[str, T.Callable[[Context], list[Row]]] = {
     "disk_full": disk_full.run,
     "team": team.run,
     "network": network.run,
+    "replicas": replicas.run,
     "job": job.run,
     "injection": injection.run,
     "lifecycle": lifecycle.run,
@@ -59,7 +62,7 @@ GROUPS: dict[str, T.Callable[[Context], list[Row]]] = {
     "alerts": alerts.run,
     "cold": cold_start.run,
 }
-SERVER_GROUPS = ("outage", "team", "network")  # need a server: skipped by --quick
+SERVER_GROUPS = ("outage", "team", "network", "replicas")  # need a server: skipped by --quick
 
 
 def write_results(rows: list[Row], path: Path, note: str) -> None:
