@@ -16,6 +16,7 @@ from pathlib import Path
 
 from regression_model_template.io.masking import redact
 from regression_model_template.server import auth
+from regression_model_template.server.artifacts import storage_secrets
 from regression_model_template.server.processes import (
     check_free,
     die_with_parent,
@@ -41,7 +42,7 @@ GUNICORN = ("--gunicorn-opts", "--timeout 600")
 @contextlib.contextmanager
 def mlflow_server(
     backend_store_uri: str,
-    artifacts: Path,
+    artifacts: Path | str,
     *,
     port: int | None = None,
     workers: int = 1,
@@ -63,13 +64,16 @@ def mlflow_server(
 
     Args:
         backend_store_uri: the server's store (``sqlite:///...``, ``postgresql://...``).
-        artifacts: where the server keeps artifacts.
+        artifacts: where the server keeps artifacts: a folder (created), or an ``s3://`` URI
+            (with ``output`` given: there is no folder for the log; the S3 settings come
+            from the server's environment, see :mod:`.artifacts`).
         port: the port to listen on (default: a free one).
         workers: server processes; see the README on workers and latency.
         startup_timeout: seconds to wait for ``/health``.
         env: the server's environment (default: this process's, without MLflow's client
             settings).
-        output: the file receiving the server's output (default: ``artifacts/../server-*.log``).
+        output: the file receiving the server's output (default: ``artifacts/../server-*.log``);
+            the server runs in its folder.
         options: more ``mlflow server`` options (e.g. :data:`GUNICORN`).
         host: the address (or name) to listen on; MLflow answers requests for it only
             (``MLFLOW_SERVER_ALLOWED_HOSTS``; loopback keeps MLflow's defaults).
@@ -87,15 +91,20 @@ def mlflow_server(
     port = port or free_port(host)
     check_free(port, host)  # else another server's /health would answer for ours
     url = server_url(host, port, tls is not None)
-    hidden = auth.secrets_of(auth_env or {})
-    artifacts = Path(artifacts).absolute()
-    artifacts.mkdir(parents=True, exist_ok=True)
-    log = output or artifacts.parent / f"server-{time.time_ns()}.log"
+    if str(artifacts).startswith("s3://"):
+        if output is None:
+            raise ValueError("mlflow_server: give output= (the log's file) with an s3:// artifacts")
+        destination, home = str(artifacts), output.parent
+    else:
+        folder = Path(artifacts).absolute()
+        folder.mkdir(parents=True, exist_ok=True)
+        destination, home = str(folder), folder.parent
+    log = output or home / f"server-{time.time_ns()}.log"
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--host", host,
         "--port", str(port),
-        "--artifacts-destination", str(artifacts),
+        "--artifacts-destination", destination,
         "--workers", str(workers),
         *_with_tls(options, tls),
         *(["--app-name", "basic-auth"] if auth_env is not None else []),
@@ -110,10 +119,11 @@ def mlflow_server(
         # gunicorn refuses --allowed-hosts; MLflow's middleware reads the variable.
         environ["MLFLOW_SERVER_ALLOWED_HOSTS"] = f"{_bracketed(host)}:{port},{_bracketed(host)}"
     environ.update(auth_env or {})
+    hidden = [*auth.secrets_of(auth_env or {}), *storage_secrets(environ)]
     with log.open("ab") as sink:
         process = subprocess.Popen(
             command,
-            cwd=artifacts.parent,
+            cwd=home,
             env=environ,
             stdin=subprocess.DEVNULL,
             stdout=sink,
