@@ -20,6 +20,7 @@ WORKERS = 2  # per server, as `make server` runs it
 
 def run(context: Context) -> list[Row]:
     from regression_model_template.server.balancer import BalancerUnavailable
+
     from regression_model_template.server.postgres import PostgresUnavailable
 
     try:
@@ -38,9 +39,15 @@ def bench_replicas(folder: Path, sizes: Sizes) -> list[Row]:
     with contextlib.ExitStack() as running:
         stacks = {
             replicas: running.enter_context(
-                team_server(folder / f"r{replicas}", port=free_port(), workers=WORKERS,
-                            reap_after=0, replicas=replicas, report=lambda _: None)
-            )  # fmt: skip
+                team_server(
+                    folder / f"r{replicas}",
+                    port=free_port(),
+                    workers=WORKERS,
+                    reap_after=0,
+                    replicas=replicas,
+                    report=lambda _: None,
+                )
+            )
             for replicas in (1, 2)
         }
         for repeat in range(max(sizes.repeats - 2, 1)):

@@ -22,6 +22,8 @@ import loguru
 import pytest
 from loguru import logger
 
+from tests.s3_server import MotoS3, moto_server
+
 
 @pytest.fixture(autouse=True)
 def _private_spool(
@@ -29,6 +31,18 @@ def _private_spool(
 ) -> None:
     """Each test's services spool into a folder of their own, never the user's cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def moto_s3(tmp_path: Path) -> Iterator[MotoS3]:
+    """An S3-compatible server (moto) on 127.0.0.1 with an empty bucket, for the test only.
+
+    Yields ``(endpoint_url, bucket, environ)``: ``environ`` holds ``MLFLOW_S3_ENDPOINT_URL``
+    and the ``AWS_*`` credentials and region a server needs to store artifacts there (see
+    tests/s3_server.py). Stopped when the test ends, even when it fails.
+    """
+    with moto_server(tmp_path) as s3:
+        yield s3
 
 
 @dataclass

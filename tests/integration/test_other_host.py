@@ -60,6 +60,7 @@ except requests.RequestException as error:
     print(type(error).__name__)
 """
 
+
 @pytest.fixture(scope="module")
 def host() -> Iterator[OtherHost]:
     """Another host for the module; skips where namespaces cannot be made (fails on CI)."""

@@ -61,10 +61,21 @@ class Jobs:
         self.reports = [folder / f"report-{i}.json" for i in range(count)]
         self.processes = [
             subprocess.Popen(
-                [sys.executable, "-c", LOGGING_JOB, url, str(folder / f"spool-{i}"),
-                 str(self.stop), str(report), "replicas"],
-                env=clean_environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-c",
+                    LOGGING_JOB,
+                    url,
+                    str(folder / f"spool-{i}"),
+                    str(self.stop),
+                    str(report),
+                    "replicas",
+                ],
+                env=clean_environ(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             for i, report in enumerate(self.reports)
         ]
         self.run_ids = [self._started(job) for job in self.processes]
@@ -91,7 +102,6 @@ class Jobs:
             if job.poll() is None:
                 job.kill()
                 job.wait()
-
 
 
 def stored(stack: TeamServer, run_id: str) -> tuple[int, str]:
@@ -128,7 +138,6 @@ def wait_for(condition: T.Callable[[], bool], seconds: float) -> float:
     return time.monotonic() - began
 
 
-
 def test_a_replica_killed_mid_run_loses_nothing_and_comes_back(
     stack: TeamServer, tmp_path: Path
 ) -> None:
@@ -143,9 +152,11 @@ def test_a_replica_killed_mid_run_loses_nothing_and_comes_back(
         os.killpg(victim, signal.SIGKILL)
         # then it is started again, and the balancer has it back within a minute
         back = wait_for(
-            lambda: stack.replicas is not None
-            and victim not in stack.replicas.groups()
-            and stack.replicas.up() == 2,
+            lambda: (
+                stack.replicas is not None
+                and victim not in stack.replicas.groups()
+                and stack.replicas.up() == 2
+            ),
             BACK_WITHIN,
         )
         time.sleep(3)  # logging goes on through both again

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from regression_model_template.io.masking import redact
 from regression_model_template.server import auth
+from regression_model_template.server.artifacts import storage_secrets
 from regression_model_template.server.processes import (
     check_free,
     die_with_parent,
@@ -106,7 +107,6 @@ class MlflowServer:
         self.startup_timeout = startup_timeout
         self.certificate = tls.certificate if tls else None
         self._auth_env = auth_env
-        self._hidden = auth.secrets_of(auth_env or {})
         self._command = [
             sys.executable, "-m", "mlflow", "server",
             "--host", host,
@@ -128,6 +128,7 @@ class MlflowServer:
             environ["MLFLOW_SERVER_ALLOWED_HOSTS"] = f"{_bracketed(named)}:{at},{_bracketed(named)}"
         environ.update(auth_env or {})
         self._environ = environ
+        self._hidden = [*auth.secrets_of(auth_env or {}), *storage_secrets(environ)]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, tied: bool | None = None) -> str:
