@@ -95,6 +95,18 @@ def require_postgres() -> None:
         pytest.skip(f"PostgreSQL is not available: {error}")
 
 
+def require_balancer() -> None:
+    """Skip the test when haproxy cannot be had here (fail on CI)."""
+    from regression_model_template.server.balancer import BalancerUnavailable, haproxy_program
+
+    try:
+        haproxy_program()
+    except BalancerUnavailable as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"haproxy is required on CI: {error}")
+        pytest.skip(f"haproxy is not available: {error}")
+
+
 def postgres_folder(prefix: str) -> Path:
     """A new folder the ``postgres`` user can reach (pytest's are closed to other users)."""
     folder = Path(tempfile.mkdtemp(prefix=prefix))
