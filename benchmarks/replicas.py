@@ -20,7 +20,6 @@ WORKERS = 2  # per server, as `make server` runs it
 
 def run(context: Context) -> list[Row]:
     from regression_model_template.server.balancer import BalancerUnavailable
-
     from regression_model_template.server.postgres import PostgresUnavailable
 
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from regression_model_template.io.masking import mask_uri
+from regression_model_template.server.balancer import BalancerUnavailable, haproxy_program
 from regression_model_template.server.postgres import PostgresUnavailable, postgres_bin
 from regression_model_template.server.stack import TeamServer, team_server
 from regression_model_template.testing import clean_environ, free_port, local_mlflow_server
@@ -97,8 +98,6 @@ def require_postgres() -> None:
 
 def require_balancer() -> None:
     """Skip the test when haproxy cannot be had here (fail on CI)."""
-    from regression_model_template.server.balancer import BalancerUnavailable, haproxy_program
-
     try:
         haproxy_program()
     except BalancerUnavailable as error:

@@ -24,27 +24,16 @@ import pytest
 
 from regression_model_template.server.balancer import (
     Balancer,
-    BalancerUnavailable,
     balancer,
-    haproxy_program,
 )
 from regression_model_template.server.processes import free_port
 from regression_model_template.server.tls import tls_pair
 from tests.conftest import eventually
+from tests.integration.conftest import require_balancer
 
 pytestmark = pytest.mark.server
 
 BACKEND = Path(__file__).with_name("echo_backend.py")
-
-
-def require_haproxy() -> None:
-    """Skip the test when haproxy cannot be had here (fail on CI)."""
-    try:
-        haproxy_program()
-    except BalancerUnavailable as error:
-        if os.environ.get("CI"):
-            pytest.fail(f"haproxy is required on CI: {error}")
-        pytest.skip(f"haproxy is not available: {error}")
 
 
 class Backends:
@@ -98,7 +87,7 @@ def backends() -> Iterator[Backends]:
 
 @pytest.fixture
 def proxy(tmp_path: Path, backends: Backends) -> Iterator[Balancer]:
-    require_haproxy()
+    require_balancer()
     with balancer(tmp_path / "balancer", "127.0.0.1", free_port(), backends.ports) as running:
         yield running
 
@@ -224,7 +213,7 @@ def test_active_counts_the_requests_in_flight(proxy: Balancer, tmp_path: Path) -
 def test_a_get_without_answer_is_replayed_elsewhere_a_post_is_not(
     tmp_path: Path, backends: Backends
 ) -> None:
-    require_haproxy()
+    require_balancer()
     with balancer(tmp_path, "127.0.0.1", free_port(), backends.ports) as proxy:
         # when r1 dies while answering a GET, then another backend answers it
         assert [call(proxy.url, "/die?name=r1")[0] for _ in range(3)] == [200] * 3
@@ -244,7 +233,7 @@ def test_a_get_without_answer_is_replayed_elsewhere_a_post_is_not(
 def test_with_tls_it_serves_https_only_its_key_and_socket_private(
     tmp_path: Path, backends: Backends
 ) -> None:
-    require_haproxy()
+    require_balancer()
     pair = tls_pair(tmp_path, "127.0.0.1")
     port = free_port()
     folder = tmp_path / "balancer"
@@ -285,7 +274,7 @@ def _gone(group: int) -> bool:
 def test_haproxy_is_stopped_when_the_block_ends_also_by_an_error(
     tmp_path: Path, backends: Backends
 ) -> None:
-    require_haproxy()
+    require_balancer()
     # when the block ends, then haproxy's process group is gone
     with balancer(tmp_path, "127.0.0.1", free_port(), backends.ports):
         group = _haproxy_pid(tmp_path)
@@ -303,7 +292,7 @@ def test_haproxy_is_stopped_when_the_block_ends_also_by_an_error(
 
 
 def test_a_taken_port_is_refused_naming_it(tmp_path: Path) -> None:
-    require_haproxy()
+    require_balancer()
     # given something else listening on the port
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
@@ -329,7 +318,7 @@ def test_bad_arguments_are_refused_at_the_call(tmp_path: Path) -> None:
 
 
 def test_haproxy_dies_with_the_process_that_started_it(tmp_path: Path, backends: Backends) -> None:
-    require_haproxy()
+    require_balancer()
     # given a process running a balancer (from its main thread)
     script = (
         "import sys, time; from pathlib import Path\n"
@@ -363,7 +352,7 @@ def test_haproxy_dies_with_the_process_that_started_it(tmp_path: Path, backends:
 def test_a_folder_too_deep_for_a_unix_socket_still_works(
     tmp_path: Path, backends: Backends
 ) -> None:
-    require_haproxy()
+    require_balancer()
     # given a folder whose path is longer than a unix socket's may be (107 bytes)
     folder = tmp_path / ("deep" * 30) / "balancer"
 
