@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 import typing as T
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from tests.integration.conftest import (
     require_balancer,
     require_postgres,
 )
+from tests.integration.test_server import RUN_LINE, explain
+from tests.s3_server import MotoS3
 
 JOBS = 4
 JOB_TIMEOUT = 300.0  # seconds for a job to end once told to (measured: a few)
@@ -234,3 +238,61 @@ def test_the_server_command_restarts_replicas_on_sighup_and_leaves_nothing(
             server.kill()
             server.wait()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_training_job_through_replicas_keeps_its_artifacts_in_s3(
+    moto_s3: MotoS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_postgres()
+    require_balancer()
+    # given the stack with 2 replicas and an S3 destination, its credentials its own
+    for name, value in moto_s3.environ.items():
+        monkeypatch.setenv(name, value)
+    folder = postgres_folder("rmt-replicas-s3-")
+    destination = f"s3://{moto_s3.bucket}/team"
+    try:
+        with team_server(folder, port=free_port(), workers=1, replicas=2, reap_after=0,
+                         artifacts=destination) as stack:  # fmt: skip
+            # when the training job runs through it, without any storage setting
+            environ = {
+                name: value
+                for name, value in clean_environ(MLFLOW_TRACKING_URI=stack.url).items()
+                if not name.startswith(("AWS_", "MLFLOW_S3_"))
+            }
+            training = subprocess.run(
+                [sys.executable, "-m", "regression_model_template", "run", "training",
+                 "--profile", "server"],
+                cwd=folder, env=environ, stdin=subprocess.DEVNULL, capture_output=True,
+                text=True, timeout=JOB_TIMEOUT, check=False,
+            )  # fmt: skip
+            assert training.returncode == 0, explain(training)
+            found = RUN_LINE.search(training.stdout)
+            assert found, explain(training)
+            run_id = found["run_id"]
+            # then the UI (through the balancer) serves the run's log and plot back
+            run_log = served(stack.url, run_id, "run.log")
+            plot = served(stack.url, run_id, "predicted_vs_actual.png")
+        # and the storage's secret is in no output of the stack
+        secret = moto_s3.environ["AWS_SECRET_ACCESS_KEY"]
+        logs = list(folder.glob("*.log")) + list(folder.glob("balancer/*.log"))
+        assert len(logs) >= 2 and not [log for log in logs if secret in log.read_text("latin-1")]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    # and the model, the plot and run.log are in the bucket under the prefix, as served
+    keys = moto_s3.keys("team/")
+    run_folder = next(key for key in keys if f"/{run_id}/artifacts/" in key).split("/artifacts/")[0]
+    assert f"{run_folder}/artifacts/run.log" in keys, keys
+    assert moto_s3.read(f"{run_folder}/artifacts/run.log") == run_log
+    assert b"Logged the plot predicted_vs_actual.png" in run_log
+    assert moto_s3.read(f"{run_folder}/artifacts/predicted_vs_actual.png") == plot
+    assert plot.startswith(b"\x89PNG")
+    assert any(key.startswith("team/") and key.endswith("/MLmodel") for key in keys), keys
+
+
+def served(url: str, run_id: str, path: str) -> bytes:
+    """An artifact of the run as the UI gets it from the server."""
+    query = urllib.parse.urlencode({"path": path, "run_uuid": run_id})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{url}/get-artifact?{query}", timeout=60) as response:
+        return bytes(response.read())
