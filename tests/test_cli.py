@@ -502,14 +502,39 @@ def test_a_malformed_set_never_echoes_a_url(tmp_path: Path) -> None:
     assert TOKEN not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("option", [["--port", "0"], ["--port", "70000"], ["--workers", "0"]])
-def test_server_with_an_impossible_port_or_workers_exits_2_naming_them(
+@pytest.mark.parametrize(
+    "option",
+    [["--port", "0"], ["--port", "70000"], ["--workers", "0"], ["--replicas", "0"]],
+)
+def test_server_with_an_impossible_port_workers_or_replicas_exits_2_naming_them(
     tmp_path: Path, option: list[str]
 ) -> None:
     result = _cli(tmp_path, "server", "--folder", str(tmp_path / "stack"), *option)
 
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: --port must be 1-65535 and --workers at least 1")
+    assert result.stderr.startswith(
+        "error: --port must be 1-65535, --workers and --replicas at least 1"
+    )
+    assert not (tmp_path / "stack").exists()  # nothing was started
+
+
+@pytest.mark.parametrize(
+    ("destination", "cause"),
+    [("ftp://host/x", "ftp"), ("s3://", "bucket"), ("s3://key:s3cret@bucket/x", "credentials")],
+    ids=["scheme", "no-bucket", "credentials-in-it"],
+)
+def test_server_with_an_unusable_artifacts_destination_exits_2_naming_it(
+    tmp_path: Path, destination: str, cause: str
+) -> None:
+    result = _cli(
+        tmp_path, "server", "--folder", str(tmp_path / "stack"),
+        "--artifacts-destination", destination,
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: --artifacts-destination")
+    assert cause in result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
     assert not (tmp_path / "stack").exists()  # nothing was started
 
 
