@@ -489,11 +489,17 @@ def _serve(
             try:
                 while misses < 3:
                     time.sleep(2.0)
-                    answers = running(stack.url, certificate=stack.certificate)
+                    # with replicas the stack restarts them: only the balancer must answer
+                    answers = (
+                        stack.replicas.serving()
+                        if stack.replicas is not None
+                        else running(stack.url, certificate=stack.certificate)
+                    )
                     misses = 0 if answers else misses + 1
             finally:
                 signal.signal(signal.SIGHUP, hangup)
-            print(f"error: the tracking server stopped answering; see {folder}/server.log",
+            output = "balancer/haproxy.log" if stack.replicas is not None else "server.log"
+            print(f"error: the tracking server stopped answering; see {folder}/{output}",
                   file=sys.stderr)  # fmt: skip
             return 1
     except (KeyboardInterrupt, Terminated):

@@ -202,7 +202,7 @@ def test_a_rolling_restart_under_load_loses_nothing(stack: TeamServer, tmp_path:
           f"{worst * 1000:.1f} ms over {JOBS} jobs")  # fmt: skip
 
 
-def test_the_server_command_restarts_replicas_on_sighup_and_leaves_nothing(
+def test_the_server_command_restarts_replicas_and_leaves_nothing(
     tmp_path: Path,
 ) -> None:
     require_postgres()
@@ -225,6 +225,19 @@ def test_the_server_command_restarts_replicas_on_sighup_and_leaves_nothing(
         said = "".join(lines_until(server, "rolling restart: replica r2 back"))
         assert "rolling restart: replica r1 back" in said, said
         assert "rolling restart: replica r2 back" in said, said
+
+        # when both replicas die at once, then it goes on serving and starts both again
+        leaders = subprocess.run(
+            ["pgrep", "-f", f"mlflow server .*--artifacts-destination {folder}/artifacts"],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+        assert len(leaders) == 2, leaders
+        for leader in leaders:
+            os.killpg(int(leader), signal.SIGKILL)
+        said = "".join(lines_until(server, "replica r", seconds=BACK_WITHIN))
+        said += "".join(lines_until(server, "replica r", seconds=BACK_WITHIN))
+        assert said.count("exited (-9): restarted in") == 2, said
+        assert server.poll() is None
 
         # when it gets Ctrl-C, then it stops, and no process of the stack is left
         server.send_signal(signal.SIGINT)

@@ -116,6 +116,14 @@ class Balancer:
         # "UP", or "UP 1/2" (one check failed, not enough to take it out); not DOWN/DRAIN/MAINT
         return self._stat(index)["status"].split(" ")[0] == "UP"
 
+    def alive(self) -> bool:
+        """Whether haproxy runs (answers on its runtime socket), whatever its backends do."""
+        try:
+            _ask(self._runtime, "show info", timeout=2)
+        except OSError:
+            return False
+        return True
+
     def _name(self, index: int) -> str:
         if not 0 <= index < self._count:
             raise IndexError(

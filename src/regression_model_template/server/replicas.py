@@ -76,6 +76,10 @@ class Replicas:
         """
         return [s.process.pid for s in self._servers if s.process is not None]
 
+    def serving(self) -> bool:
+        """Whether the balancer runs: it answers, and takes back each replica started again."""
+        return self._balancer.alive()
+
     def up(self) -> int:
         """How many replicas the balancer has in rotation now."""
         return sum(self._balancer.is_up(index) for index in range(len(self._servers)))
