@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from regression_model_template.io.stores import environ_restored
+from regression_model_template.other_hosts import OtherHostUnavailable, other_host
 from regression_model_template.server.stack import TeamServer, team_server
 from regression_model_template.testing import clean_environ, free_port
 from tests.integration.conftest import (
@@ -106,6 +108,11 @@ class Jobs:
             if job.poll() is None:
                 job.kill()
                 job.wait()
+
+
+def stored_status(stack: TeamServer, run_id: str) -> str:
+    """The run's status in the store."""
+    return stored(stack, run_id)[1]
 
 
 def stored(stack: TeamServer, run_id: str) -> tuple[int, str]:
@@ -309,3 +316,58 @@ def served(url: str, run_id: str, path: str) -> bytes:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(f"{url}/get-artifact?{query}", timeout=60) as response:
         return bytes(response.read())
+
+
+# Run on the other host: as the admin, add a user; then, as that user, 20 requests (each on a
+# new connection: haproxy spreads them over both replicas) and a run logged through
+# MlflowService. Prints {"statuses": [...], "status": the run's status}.
+NETWORK_USER = """
+import json, sys, requests
+from mlflow.server import get_app_client
+from regression_model_template.io.services import MlflowService
+url, certificate, spool = sys.argv[1:4]
+users = get_app_client("basic-auth", tracking_uri=url)
+users.create_user(username="bob", password="bob-s3cret-password")
+search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+statuses = [requests.get(search, auth=("bob", "bob-s3cret-password"), verify=certificate,
+                         timeout=30).status_code for _ in range(20)]
+statuses.append(requests.get(search, verify=certificate, timeout=30).status_code)
+service = MlflowService(tracking_uri=url, experiment_name="bob", spool_dir=spool,
+                        autolog_disable=True)
+with service, service.run_context(MlflowService.RunConfig(log_system_metrics=False)) as run:
+    service.log_metrics({"loss": 0.5}, step=0)
+print(json.dumps({"statuses": statuses, "run_id": run.info.run_id}))
+"""
+
+
+def test_replicas_serve_another_host_over_tls_with_one_users_database(tmp_path: Path) -> None:
+    require_postgres()
+    require_balancer()
+    admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "replicas-Pa55word"}
+    folder = postgres_folder("rmt-replicas-host-")
+    try:
+        with other_host() as host, environ_restored(admin):
+            # given 2 replicas behind the balancer on this host's end of a link, its admin set
+            os.environ.update(admin)
+            with team_server(folder, port=free_port(host.gateway), workers=1, replicas=2,
+                             reap_after=0, host=host.gateway) as stack:  # fmt: skip
+                assert stack.certificate is not None and stack.url.startswith("https://")
+                # when the admin adds a user from the other host, and the user works
+                job = subprocess.run(
+                    host.command([sys.executable, "-c", NETWORK_USER, stack.url,
+                                  str(stack.certificate), str(tmp_path / "spool")]),
+                    env=clean_environ(**admin), capture_output=True, text=True,
+                    timeout=JOB_TIMEOUT, check=False,
+                )  # fmt: skip
+                assert job.returncode == 0, job.stderr[-3000:]
+                result = json.loads(job.stdout.strip().splitlines()[-1])
+                # then every request of the user is let in, whichever replica answered it,
+                # and none without credentials; the user's run is stored
+                assert result["statuses"] == [200] * 20 + [401]
+                assert stored_status(stack, result["run_id"]) == "FINISHED"
+    except OtherHostUnavailable as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"network namespaces are required on CI: {error}")
+        pytest.skip(f"no other host: {error}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

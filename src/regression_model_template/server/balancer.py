@@ -177,7 +177,7 @@ def balancer(
         ValueError: no backend, or a port out of range.
         BalancerUnavailable: haproxy cannot be had here.
         RuntimeError: the port is taken, or haproxy refused its configuration, exited or did
-            not listen within :data:`STARTUP_TIMEOUT` seconds (the message ends with its output).
+            not listen within ``STARTUP_TIMEOUT`` (30) seconds (the message ends with its output).
     """
     ports = list(backends)
     if not ports:
