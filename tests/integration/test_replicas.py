@@ -319,10 +319,10 @@ def served(url: str, run_id: str, path: str) -> bytes:
 
 
 # Run on the other host: as the admin, add a user; then, as that user, 20 requests (each on a
-# new connection: haproxy spreads them over both replicas) and a run logged through
-# MlflowService. Prints {"statuses": [...], "status": the run's status}.
+# new connection: haproxy spreads them over both replicas) and, as the user, a run logged
+# through MlflowService. Prints {"statuses": [...], "run_id": the run's id}.
 NETWORK_USER = """
-import json, sys, requests
+import json, os, sys, requests
 from mlflow.server import get_app_client
 from regression_model_template.io.services import MlflowService
 url, certificate, spool = sys.argv[1:4]
@@ -332,9 +332,11 @@ search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
 statuses = [requests.get(search, auth=("bob", "bob-s3cret-password"), verify=certificate,
                          timeout=30).status_code for _ in range(20)]
 statuses.append(requests.get(search, verify=certificate, timeout=30).status_code)
+os.environ.update(MLFLOW_TRACKING_USERNAME="bob", MLFLOW_TRACKING_PASSWORD="bob-s3cret-password")
 service = MlflowService(tracking_uri=url, experiment_name="bob", spool_dir=spool,
                         autolog_disable=True)
-with service, service.run_context(MlflowService.RunConfig(log_system_metrics=False)) as run:
+config = MlflowService.RunConfig(name="bob", log_system_metrics=False)
+with service, service.run_context(config) as run:
     service.log_metrics({"loss": 0.5}, step=0)
 print(json.dumps({"statuses": statuses, "run_id": run.info.run_id}))
 """
@@ -356,7 +358,9 @@ def test_replicas_serve_another_host_over_tls_with_one_users_database(tmp_path: 
                 job = subprocess.run(
                     host.command([sys.executable, "-c", NETWORK_USER, stack.url,
                                   str(stack.certificate), str(tmp_path / "spool")]),
-                    env=clean_environ(**admin), capture_output=True, text=True,
+                    env=clean_environ(**admin,
+                                      MLFLOW_TRACKING_SERVER_CERT_PATH=str(stack.certificate)),
+                    capture_output=True, text=True,
                     timeout=JOB_TIMEOUT, check=False,
                 )  # fmt: skip
                 assert job.returncode == 0, job.stderr[-3000:]

@@ -124,8 +124,12 @@ class MlflowServer:
         environ["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri  # not argv: `ps` shows a password
         named, at = public or (host, self.port)
         if not is_loopback(named):
-            # gunicorn refuses --allowed-hosts; MLflow's middleware reads the variable.
-            environ["MLFLOW_SERVER_ALLOWED_HOSTS"] = f"{_bracketed(named)}:{at},{_bracketed(named)}"
+            # gunicorn refuses --allowed-hosts; MLflow's middleware reads the variable. Behind
+            # a balancer the server's own address stays allowed: the stack checks it directly.
+            served = {(named, at), (host, self.port)}
+            environ["MLFLOW_SERVER_ALLOWED_HOSTS"] = ",".join(
+                f"{_bracketed(name)}:{port},{_bracketed(name)}" for name, port in sorted(served)
+            )
         environ.update(auth_env or {})
         self._environ = environ
         self._hidden = [*auth.secrets_of(auth_env or {}), *storage_secrets(environ)]
