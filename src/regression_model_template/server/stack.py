@@ -8,11 +8,11 @@ import typing as T
 from pathlib import Path
 
 from regression_model_template.server import auth, tls
+from regression_model_template.server.artifacts import artifacts_destination, check_destination
+from regression_model_template.server.balancer import balancer, haproxy_program
 from regression_model_template.server.postgres import cluster_folder, postgres_cluster
+from regression_model_template.server.replicas import Replicas
 from regression_model_template.server.tracking_server import GUNICORN, MlflowServer, is_loopback
-
-if T.TYPE_CHECKING:
-    from regression_model_template.server.replicas import Replicas
 
 __all__ = ["TeamServer", "team_server"]
 
@@ -72,10 +72,11 @@ def team_server(
     Raises:
         ValueError: the admin's variables are missing, the pair given is unusable, or
             ``replicas`` or ``artifacts`` is not one this can serve.
-        RuntimeError: a part did not start (its output ends the message).
+        RuntimeError: a part did not start (its output ends the message), the artifacts'
+            destination cannot be reached, or haproxy (for ``replicas``) cannot be had
+            (:class:`.balancer.BalancerUnavailable`), checked before anything starts.
     """
     from regression_model_template.io import reaper
-    from regression_model_template.server.artifacts import artifacts_destination, check_destination
 
     folder = Path(folder).absolute()
     if replicas < 1:
@@ -91,6 +92,8 @@ def team_server(
     elif facing:
         pair = tls.tls_pair(folder, host, report)
     check_destination(destination)  # a wrong bucket fails the start, not the first upload
+    if replicas > 1:
+        haproxy_program()  # installed, or the error, before anything starts
     auth_env = auth.auth_environment(folder, admin) if admin else None
     certificate = pair.certificate if pair else None
     cluster = cluster_folder(folder)
@@ -131,9 +134,6 @@ def _replicas(
     started one after the other: the first one makes the databases' tables, which several at
     once would race to make (see FIELD-NOTES).
     """
-    from regression_model_template.server.balancer import balancer
-    from regression_model_template.server.replicas import Replicas
-
     servers = [
         MlflowServer(database, destination, workers=workers, startup_timeout=120.0,
                      output=folder / f"server-r{index}.log", options=GUNICORN,
