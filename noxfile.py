@@ -36,8 +36,6 @@ WHEEL_DATA = [
     "regression_model_template-{version}.dist-info/licenses/LICENSE",
 ]
 
-#: Without the ``s3`` extra there is no boto3 (MLflow does not bring it in): an S3 artifacts
-#: destination is refused at the call, saying which extra to install.
 #: No internet on these machines: keep MLflow's telemetry quiet, as the Makefile does.
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 

@@ -18,7 +18,7 @@ import typing as T
 from pathlib import Path
 
 from benchmarks.common import Context, Row, Sizes, median, note, row
-from benchmarks.team import _check_stored
+from benchmarks.team import check_stored
 
 WORKERS = 2  # as `make server` runs it
 ADMIN, PASSWORD = "bench", "bench-network-Pa55"
@@ -115,7 +115,7 @@ def bench_network(folder: Path, sizes: Sizes) -> list[Row]:
             for name in ("remote", "local") if repeat % 2 == 0 else ("local", "remote"):
                 command, stack, environ, where = sides[name]
                 run_id, seconds = _job(command, stack.url, environ, where, "bench-network", count)
-                _check_stored(stack.database, [run_id], count, f"network, {name} job")
+                check_stored(stack.database, [run_id], count, f"network, {name} job")
                 times[name].append(seconds)
     return [
         row(

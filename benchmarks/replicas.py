@@ -13,7 +13,7 @@ import contextlib
 from pathlib import Path
 
 from benchmarks.common import Context, Row, Sizes, median, note, row
-from benchmarks.team import _check_stored, _team_jobs
+from benchmarks.team import check_stored, team_jobs
 
 WORKERS = 2  # per server, as `make server` runs it
 
@@ -52,9 +52,9 @@ def bench_replicas(folder: Path, sizes: Sizes) -> list[Row]:
         for repeat in range(max(sizes.repeats - 2, 1)):
             for replicas in (1, 2) if repeat % 2 == 0 else (2, 1):
                 stack = stacks[replicas]
-                span, run_ids = _team_jobs(stack.url, folder, f"bench-replicas-{replicas}",
+                span, run_ids = team_jobs(stack.url, folder, f"bench-replicas-{replicas}",
                                            jobs, count, "service")  # fmt: skip
-                _check_stored(stack.database, run_ids, count, f"{replicas} replicas, {jobs} jobs")
+                check_stored(stack.database, run_ids, count, f"{replicas} replicas, {jobs} jobs")
                 spans[replicas].append(span)
     return [
         row(

@@ -53,7 +53,7 @@ def run(context: Context) -> list[Row]:
     return bench_team(context.folder / "team", context.sizes)
 
 
-def _team_jobs(
+def team_jobs(
     url: str, folder: Path, experiment: str, jobs: int, count: int, mode: str
 ) -> tuple[float, list[str]]:
     """Run ``jobs`` job processes at once; return the span from the first start to the last end."""
@@ -129,7 +129,7 @@ def _stored_values(database: str, run_ids: list[str]) -> list[int]:
         ]
 
 
-def _check_stored(database: str, run_ids: list[str], expected: int, what: str) -> None:
+def check_stored(database: str, run_ids: list[str], expected: int, what: str) -> None:
     """Every run holds ``expected`` values once its job has ended; else wait, note, or raise.
 
     Values that land only after the run has ended are noted in RESULTS.md (a reader who
@@ -154,12 +154,12 @@ def _check_stored(database: str, run_ids: list[str], expected: int, what: str) -
 def bench_team_load(url: str, database: str, folder: Path, sizes: Sizes) -> list[Row]:
     """8 job processes at once: aggregate values/s, the service vs per-call ``log_metric``."""
     jobs = sizes.team_jobs
-    ours_span, ours_runs = _team_jobs(url, folder, "bench-team-service", jobs,
+    ours_span, ours_runs = team_jobs(url, folder, "bench-team-service", jobs,
                                       sizes.team_values, "service")  # fmt: skip
-    _check_stored(database, ours_runs, sizes.team_values, f"team load, {jobs} service jobs")
-    base_span, base_runs = _team_jobs(url, folder, "bench-team-per-call", jobs,
+    check_stored(database, ours_runs, sizes.team_values, f"team load, {jobs} service jobs")
+    base_span, base_runs = team_jobs(url, folder, "bench-team-per-call", jobs,
                                       sizes.team_sample, "per-call")  # fmt: skip
-    _check_stored(database, base_runs, sizes.team_sample, "team load, per-call baseline")
+    check_stored(database, base_runs, sizes.team_sample, "team load, per-call baseline")
     ours = jobs * sizes.team_values / ours_span
     base = jobs * sizes.team_sample / base_span
     return [
@@ -204,7 +204,7 @@ def bench_team_one_job(url: str, database: str, folder: Path, sizes: Sizes) -> l
                 for step in range(count):
                     service.log_metrics({"loss": step * 0.5}, step=step)
             times[parallel].append(time.perf_counter() - start)  # + the flush at the run's end
-        _check_stored(database, [run.info.run_id], count, f"team one job, {parallel} uploads")
+        check_stored(database, [run.info.run_id], count, f"team one job, {parallel} uploads")
 
     def bulk() -> None:
         run_id = client.create_run(experiment_id, run_name="bulk").info.run_id
@@ -215,7 +215,7 @@ def bench_team_one_job(url: str, database: str, folder: Path, sizes: Sizes) -> l
             client.log_batch(run_id, metrics=values[i : i + 1000])
         times["bulk"].append(time.perf_counter() - start)
         client.set_terminated(run_id)
-        _check_stored(database, [run_id], count, "team one job, serial log_batch")
+        check_stored(database, [run_id], count, "team one job, serial log_batch")
 
     sides: list[T.Callable[[], None]] = [bulk, *(lambda n=n: ours(n) for n in uploads)]
     for repeat in range(max(sizes.repeats - 2, 1)):  # interleaved, rotating who goes first

@@ -13,6 +13,7 @@ import sys
 import time
 import typing as T
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,3 +120,11 @@ def _wait_until_answering(process: subprocess.Popen[bytes], url: str, log: Path)
                     f"moto did not answer within {STARTUP_TIMEOUT:g} s; {tail(log)}"
                 ) from None
             time.sleep(0.05)
+
+
+def served_artifact(url: str, run_id: str, path: str) -> bytes:
+    """An artifact of the run as the UI gets it: from the tracking server at ``url``."""
+    query = urllib.parse.urlencode({"path": path, "run_uuid": run_id})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+    with opener.open(f"{url}/get-artifact?{query}", timeout=60) as response:
+        return bytes(response.read())

@@ -424,9 +424,11 @@ def _serve(
     replicas: int = 1,
     artifacts: str | None = None,
 ) -> int:
-    """Run the team stack until Ctrl-C or SIGTERM, or until the server stops answering.
+    """Run the team stack until Ctrl-C or SIGTERM, or until it stops answering.
 
-    With replicas, SIGHUP restarts them one at a time (:meth:`.replicas.Replicas.restart`).
+    What must answer is the server; with replicas, the balancer (the stack restarts replicas
+    itself). With replicas, SIGHUP restarts them one at a time (``Replicas.restart``);
+    otherwise, and while the stack starts, it is ignored, with a line saying so.
     """
     import signal
     from pathlib import Path
@@ -463,6 +465,18 @@ def _serve(
     except ValueError as error:
         raise UsageError(str(error)) from None
     print(f"starting PostgreSQL and mlflow server in {folder}/ ...", flush=True)
+    serving: list[T.Any] = []  # the stack's replicas, once it is ready
+
+    def hangup(*_: object) -> None:  # runs in this thread: it only asks, the stack restarts
+        if serving and serving[0] is not None:
+            serving[0].restart(wait=False)
+        else:
+            print("SIGHUP ignored: it restarts replicas (--replicas 2 or more) once ready",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    # Taken before the stack starts and given back after it stopped: SIGHUP's default would
+    # end this process at once, leaving PostgreSQL running.
+    previous = signal.signal(signal.SIGHUP, hangup)
     try:
         # A second Ctrl-C (or a supervisor's repeated SIGTERM) must not cut the stop short:
         # that would leave the server's processes behind. stop_once ignores it.
@@ -480,24 +494,18 @@ def _serve(
                 artifacts=artifacts,
             ) as stack,
         ):
-            hangup = signal.getsignal(signal.SIGHUP)
-            if stack.replicas is not None:
-                group = stack.replicas  # the handler runs in this thread: it only asks
-                signal.signal(signal.SIGHUP, lambda *_: group.restart(wait=False))
+            serving.append(stack.replicas)
             print(_ready(stack, folder, host, reap_after), flush=True)
             misses = 0  # consecutive /health checks without an answer
-            try:
-                while misses < 3:
-                    time.sleep(2.0)
-                    # with replicas the stack restarts them: only the balancer must answer
-                    answers = (
-                        stack.replicas.serving()
-                        if stack.replicas is not None
-                        else running(stack.url, certificate=stack.certificate)
-                    )
-                    misses = 0 if answers else misses + 1
-            finally:
-                signal.signal(signal.SIGHUP, hangup)
+            while misses < 3:
+                time.sleep(2.0)
+                # with replicas the stack restarts them: the balancer must answer
+                answers = (
+                    stack.replicas.serving()
+                    if stack.replicas is not None
+                    else running(stack.url, certificate=stack.certificate)
+                )
+                misses = 0 if answers else misses + 1
             output = "balancer/haproxy.log" if stack.replicas is not None else "server.log"
             print(f"error: the tracking server stopped answering; see {folder}/{output}",
                   file=sys.stderr)  # fmt: skip
@@ -508,6 +516,8 @@ def _serve(
     except Exception as error:  # any failure to start: one line, exit 1
         print(f"error: the tracking stack did not start: {error}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def _ready(stack: T.Any, folder: str, host: str, reap_after: float) -> str:
@@ -543,7 +553,7 @@ def _ready(stack: T.Any, folder: str, host: str, reap_after: float) -> str:
     lines.append(f"  artifacts in {mask_uri(stack.artifacts)} (jobs upload through the server)")
     if stack.replicas is not None:
         lines.append(
-            f"  {len(stack.replicas.groups())} replicas behind haproxy (logs "
+            f"  {stack.replicas.count} replicas behind haproxy (logs "
             f"{folder}/server-r*.log); `kill -HUP {os.getpid()}` restarts them one at a time"
         )
     lines += [f"  {job} {PROG} run training --profile server", f"  {reaping}", "Ctrl-C stops it."]

@@ -23,8 +23,9 @@ import sys
 import threading
 import typing as T
 from dataclasses import dataclass
+from pathlib import Path
 
-from regression_model_template.server.processes import apt_install
+from regression_model_template.server.processes import debian_program
 
 __all__ = ["TEST_NETWORK", "OtherHost", "OtherHostUnavailable", "other_host"]
 
@@ -132,14 +133,15 @@ def _check_can_make_namespaces() -> None:
         raise OtherHostUnavailable(
             f"making a network namespace needs root; this process runs as uid {os.geteuid()}"
         )
-    if shutil.which("ip") is None and shutil.which("apt-get") is not None:
-        output = apt_install("iproute2")  # a fresh Debian machine may not have it
-        if shutil.which("ip") is None:
-            raise OtherHostUnavailable(f"`apt-get install iproute2` failed:\n{output[-3000:]}")
-    if shutil.which("ip") is None:
-        raise OtherHostUnavailable(
-            "the `ip` program is not installed (Debian: `apt-get install iproute2`)"
-        )
+    # a fresh Debian machine may not have it
+    debian_program(
+        "iproute2", _ip_program, OtherHostUnavailable, "the `ip` program is not installed"
+    )
+
+
+def _ip_program() -> Path | None:
+    found = shutil.which("ip")
+    return Path(found) if found else None
 
 
 def _link(namespace: str) -> OtherHost:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing as T
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,24 +87,27 @@ def team_stack() -> Iterator[TeamServer]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def require(what: str, find: T.Callable[[], object], unavailable: type[Exception]) -> None:
+    """Skip the test when ``find`` raises ``unavailable``: ``what`` cannot be had here.
+
+    On CI (``CI`` set) the test fails instead: there every server must be installable.
+    """
+    try:
+        find()
+    except unavailable as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} is required on CI: {error}")
+        pytest.skip(f"{what} is not available: {error}")
+
+
 def require_postgres() -> None:
     """Skip the test when PostgreSQL cannot be had here (fail on CI)."""
-    try:
-        postgres_bin()
-    except PostgresUnavailable as error:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is required on CI: {error}")
-        pytest.skip(f"PostgreSQL is not available: {error}")
+    require("PostgreSQL", postgres_bin, PostgresUnavailable)
 
 
 def require_balancer() -> None:
     """Skip the test when haproxy cannot be had here (fail on CI)."""
-    try:
-        haproxy_program()
-    except BalancerUnavailable as error:
-        if os.environ.get("CI"):
-            pytest.fail(f"haproxy is required on CI: {error}")
-        pytest.skip(f"haproxy is not available: {error}")
+    require("haproxy", haproxy_program, BalancerUnavailable)
 
 
 def postgres_folder(prefix: str) -> Path:

@@ -16,8 +16,6 @@ import subprocess
 import sys
 import time
 import typing as T
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,11 +34,15 @@ from tests.integration.conftest import (
     require_postgres,
 )
 from tests.integration.test_server import RUN_LINE, explain
-from tests.s3_server import MotoS3
+from tests.s3_server import MotoS3, served_artifact
 
 JOBS = 4
 JOB_TIMEOUT = 300.0  # seconds for a job to end once told to (measured: a few)
 BACK_WITHIN = 60.0  # seconds for a killed replica to be back in rotation (the issue's bound)
+# seconds: the goal is 50 ms (measured: printed here, figures in the README); this bound
+# only separates a loop that never waited from one that waited for the failover (seconds),
+# as tests/integration/test_outage.py does: the machine is noisy, 2 cores
+LONGEST_CALL = 0.5
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -179,8 +181,7 @@ def test_a_replica_killed_mid_run_loses_nothing_and_comes_back(
     worst = check_nothing_lost(stack, ended)
     print(f"\nreplica back in rotation {back:.1f} s after SIGKILL; worst log_metrics call "
           f"{worst * 1000:.1f} ms over {JOBS} jobs")  # fmt: skip
-    # log_metrics only writes the spool: a loop that waited for the failover (seconds) fails
-    assert worst < 1.0
+    assert worst < LONGEST_CALL
 
 
 def test_a_rolling_restart_under_load_loses_nothing(stack: TeamServer, tmp_path: Path) -> None:
@@ -207,6 +208,7 @@ def test_a_rolling_restart_under_load_loses_nothing(stack: TeamServer, tmp_path:
     worst = check_nothing_lost(stack, ended)
     print(f"\nrolling restart of 2 replicas took {took:.1f} s; worst log_metrics call "
           f"{worst * 1000:.1f} ms over {JOBS} jobs")  # fmt: skip
+    assert worst < LONGEST_CALL
 
 
 def test_the_server_command_restarts_replicas_and_leaves_nothing(
@@ -290,8 +292,8 @@ def test_a_training_job_through_replicas_keeps_its_artifacts_in_s3(
             assert found, explain(training)
             run_id = found["run_id"]
             # then the UI (through the balancer) serves the run's log and plot back
-            run_log = served(stack.url, run_id, "run.log")
-            plot = served(stack.url, run_id, "predicted_vs_actual.png")
+            run_log = served_artifact(stack.url, run_id, "run.log")
+            plot = served_artifact(stack.url, run_id, "predicted_vs_actual.png")
         # and the storage's secret is in no output of the stack
         secret = moto_s3.environ["AWS_SECRET_ACCESS_KEY"]
         logs = list(folder.glob("*.log")) + list(folder.glob("balancer/*.log"))
@@ -308,14 +310,6 @@ def test_a_training_job_through_replicas_keeps_its_artifacts_in_s3(
     assert moto_s3.read(f"{run_folder}/artifacts/predicted_vs_actual.png") == plot
     assert plot.startswith(b"\x89PNG")
     assert any(key.startswith("team/") and key.endswith("/MLmodel") for key in keys), keys
-
-
-def served(url: str, run_id: str, path: str) -> bytes:
-    """An artifact of the run as the UI gets it from the server."""
-    query = urllib.parse.urlencode({"path": path, "run_uuid": run_id})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"{url}/get-artifact?{query}", timeout=60) as response:
-        return bytes(response.read())
 
 
 # Run on the other host: as the admin, add a user; then, as that user, 20 requests (each on a

@@ -19,7 +19,7 @@ import typing as T
 import urllib.parse
 from pathlib import Path
 
-from regression_model_template.io.masking import redact
+from regression_model_template.io.masking import mask_uri, redact
 
 __all__ = ["OPTION", "artifacts_destination", "check_destination", "storage_secrets"]
 
@@ -81,7 +81,7 @@ def artifacts_destination(value: str | None, folder: Path) -> str:
         raise ValueError(f"{OPTION} {value}: an S3 destination has no ? or #")
     if not _boto3_installed():
         raise ValueError(f"{OPTION} {value}: an S3 destination needs boto3: {_INSTALL}")
-    return value
+    return "s3://" + value[len("s3://") :]  # S3:// too: one spelling for the checks after
 
 
 def check_destination(uri: str) -> None:
@@ -165,7 +165,7 @@ def _check_bucket(uri: str) -> None:
 
     bucket = urllib.parse.urlsplit(uri).netloc
     endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
-    where = endpoint or "AWS S3"
+    where = mask_uri(endpoint) if endpoint else "AWS S3"
     signature = os.environ.get("MLFLOW_EXPERIMENTAL_S3_SIGNATURE_VERSION", "s3v4")
     config = Config(
         signature_version=UNSIGNED if signature.lower() == "unsigned" else signature,

@@ -33,8 +33,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from regression_model_template.server.processes import (
-    apt_install,
     check_free,
+    debian_program,
     die_with_parent,
     main_thread_on_linux,
     stop_group,
@@ -64,21 +64,10 @@ def haproxy_program(install: bool = True) -> Path:
     Raises:
         BalancerUnavailable: not installed, and not installable here (the message says why).
     """
-    found = _installed()
-    if found is not None:
-        return found
-    if not install or os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise BalancerUnavailable(
-            "haproxy is not installed (not in /usr/sbin nor on PATH); install it with "
-            "`apt-get install haproxy` (as root)"
-        )
-    output = apt_install("haproxy")
-    found = _installed()
-    if found is None:
-        raise BalancerUnavailable(
-            "`apt-get install haproxy` did not install it:\n" + output[-3000:]
-        )
-    return found
+    return debian_program(
+        "haproxy", _installed, BalancerUnavailable,
+        "haproxy is not installed (not in /usr/sbin nor on PATH)", install,
+    )  # fmt: skip
 
 
 def _installed() -> Path | None:

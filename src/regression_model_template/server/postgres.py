@@ -29,7 +29,12 @@ import time
 import typing as T
 from pathlib import Path
 
-from regression_model_template.server.processes import apt_install, free_port, tail, write_private
+from regression_model_template.server.processes import (
+    debian_program,
+    free_port,
+    tail,
+    write_private,
+)
 
 __all__ = [
     "DATABASE",
@@ -65,21 +70,11 @@ def postgres_bin(install: bool = True) -> Path:
     Raises:
         PostgresUnavailable: not installed, and not installable here (the message says why).
     """
-    found = _installed_bin()
-    if found is not None:
-        return found
-    if not install or os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise PostgresUnavailable(
-            "PostgreSQL is not installed (no initdb/pg_ctl in /usr/lib/postgresql/*/bin or on "
-            "PATH); install it with `apt-get install postgresql` (as root)"
-        )
-    output = apt_install("postgresql")
-    found = _installed_bin()
-    if found is None:
-        raise PostgresUnavailable(
-            "`apt-get install postgresql` did not install PostgreSQL:\n" + output[-3000:]
-        )
-    return found
+    return debian_program(
+        "postgresql", _installed_bin, PostgresUnavailable,
+        "PostgreSQL is not installed (no initdb/pg_ctl in /usr/lib/postgresql/*/bin or on PATH)",
+        install,
+    )  # fmt: skip
 
 
 def _installed_bin() -> Path | None:

@@ -9,17 +9,20 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import typing as T
 from pathlib import Path
 
 __all__ = [
     "apt_install",
     "check_free",
+    "debian_program",
     "die_with_parent",
     "free_port",
     "main_thread_on_linux",
@@ -119,6 +122,35 @@ def apt_install(package: str) -> str:
         apt("update")
         done = apt(*install)
     return done.stdout + done.stderr
+
+
+def debian_program(
+    package: str,
+    find: T.Callable[[], Path | None],
+    unavailable: type[Exception],
+    missing: str,
+    install: bool = True,
+) -> Path:
+    """What ``find`` finds, after installing Debian's ``package`` when it finds nothing.
+
+    Installing needs root and ``apt-get`` (:func:`apt_install`); elsewhere, and when the
+    install did not bring it, ``unavailable`` is raised: ``missing`` (what is not there) and
+    how to install it, or ``apt-get``'s own words.
+
+    Example:
+        >>> debian_program("coreutils", lambda: Path("/bin/true"), RuntimeError, "no true")
+        PosixPath('/bin/true')
+    """
+    found = find()
+    if found is not None:
+        return found
+    if not install or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise unavailable(f"{missing}; install it with `apt-get install {package}` (as root)")
+    output = apt_install(package)
+    found = find()
+    if found is None:
+        raise unavailable(f"`apt-get install {package}` did not install it:\n{output[-3000:]}")
+    return found
 
 
 def write_private(path: Path, data: bytes) -> None:

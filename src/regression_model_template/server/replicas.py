@@ -20,9 +20,10 @@ __all__ = ["Replicas"]
 
 #: How often the replicas are looked at (a dead one is restarted within this).
 CHECK_EVERY = 0.2
-#: The longest wait for a drained replica's requests in flight (a model upload can be long;
-#: past this the replica is stopped anyway, gently: gunicorn lets a request finish).
-DRAIN_SECONDS = 60.0
+#: The longest wait for a drained replica's requests in flight: as long as a request may take
+#: (gunicorn's timeout in :data:`.tracking_server.GUNICORN`, a 10-minute model upload). Past
+#: this the replica is stopped anyway (SIGTERM, then SIGKILL 10 s later).
+DRAIN_SECONDS = 600.0
 #: The longest wait for the balancer to have a restarted replica back in rotation.
 BACK_SECONDS = 30.0
 #: The pause before starting again a replica whose restart failed.
@@ -59,7 +60,7 @@ class Replicas:
 
     def __exit__(self, *exc: object) -> None:
         self._stopping.set()
-        for server in self._servers:  # cuts short a restart under way: its start fails fast
+        for server in self._servers:  # cuts short a start under way: its wait fails fast
             server.stop()
         self._thread.join()
         for server in self._servers:  # anything the thread started meanwhile
@@ -67,8 +68,13 @@ class Replicas:
         with self._changed:
             self._changed.notify_all()
 
+    @property
+    def count(self) -> int:
+        """How many replicas there are (running or being started again)."""
+        return len(self._servers)
+
     def groups(self) -> list[int]:
-        """Each running replica's process-group id (what ``kill -9 -- -ID`` ends).
+        """The process-group id of each replica started (what ``kill -9 -- -ID`` ends).
 
         Example (a test killing a replica)::
 
@@ -77,8 +83,8 @@ class Replicas:
         return [s.process.pid for s in self._servers if s.process is not None]
 
     def serving(self) -> bool:
-        """Whether the balancer runs: it answers, and takes back each replica started again."""
-        return self._balancer.alive()
+        """Whether the stack serves: the balancer runs, and the replicas are looked after."""
+        return self._thread.is_alive() and self._balancer.alive()
 
     def up(self) -> int:
         """How many replicas the balancer has in rotation now."""
@@ -87,27 +93,40 @@ class Replicas:
     def restart(self, wait: bool = True) -> None:
         """Restart every replica, one at a time, the others serving meanwhile.
 
-        Each is drained first (no new request goes to it; those in flight finish), stopped,
-        started, and put back once the balancer has it in rotation. ``wait``: return when all
-        are done (False: at once, as the ``server`` command's SIGHUP does). Asked again while
-        one is under way, it runs once more after it.
+        Each is drained first (no new request goes to it; those in flight finish, for up to
+        :data:`DRAIN_SECONDS`), stopped, started, and put back once the balancer has it in
+        rotation; a replica that does not come back ends the round there, the others left
+        serving (reported). ``wait``: return when the round is over (False: at once, as the
+        ``server`` command's SIGHUP does). Asked again while one is under way, it runs once
+        more after it.
         """
         with self._changed:
             self._asked += 1
             asked = self._asked
-            while wait and self._done < asked and not self._stopping.is_set():
+            while wait and self._done < asked and self._thread.is_alive():
                 self._changed.wait(1.0)
 
     def _watch(self) -> None:
         while not self._stopping.wait(CHECK_EVERY):
-            for index, server in enumerate(self._servers):
-                if server.exited() is not None or server.process is None:
-                    code = server.exited()
-                    self._revive(index, "was down" if code is None else f"exited ({code})")
-            with self._changed:
-                asked = self._asked
-            if asked > self._done:
+            try:
+                self._look()
+            except Exception as error:  # never a silent end: the replicas would go unwatched
+                self._report(f"replicas: {type(error).__name__}: {error}; looking again")
+                self._stopping.wait(RETRY_SECONDS)
+        with self._changed:  # a restart() waiting ends too
+            self._changed.notify_all()
+
+    def _look(self) -> None:
+        for index, server in enumerate(self._servers):
+            code = server.exited()
+            if (code is not None or server.process is None) and not self._stopping.is_set():
+                self._revive(index, "was down" if code is None else f"exited ({code})")
+        with self._changed:
+            asked = self._asked
+        if asked > self._done:
+            try:
                 self._roll()
+            finally:
                 with self._changed:
                     self._done = asked
                     self._changed.notify_all()
@@ -116,6 +135,8 @@ class Replicas:
         """Start replica ``index`` again; False (and reported) when it fails."""
         server, began = self._servers[index], time.monotonic()
         server.stop()  # what is left of its process group (its workers may outlive it)
+        if self._stopping.is_set():
+            return False
         try:
             server.start(tied=True)  # this thread lives as long as the replicas
         except RuntimeError as error:
@@ -132,22 +153,29 @@ class Replicas:
 
     def _roll(self) -> None:
         for index in range(len(self._servers)):
-            if self._stopping.is_set():
+            if self._stopping.is_set() or not self._restart_one(index):
                 return
-            self._restart_one(index)
 
-    def _restart_one(self, index: int) -> None:
+    def _restart_one(self, index: int) -> bool:
+        """Drain, restart and put back replica ``index``; False when it is not back."""
         began = time.monotonic()
         self._balancer.drain(index)
         self._until(lambda: self._balancer.active(index) == 0, DRAIN_SECONDS)
         started = self._revive(index, "")
         self._balancer.ready(index)
-        if started:
-            self._until(lambda: self._balancer.is_up(index), BACK_SECONDS)
+        if started and self._until(lambda: self._balancer.is_up(index), BACK_SECONDS):
             self._report(f"rolling restart: replica r{index + 1} back in "
                          f"{time.monotonic() - began:.1f} s")  # fmt: skip
+            return True
+        if not self._stopping.is_set():
+            self._report(f"rolling restart stopped: replica r{index + 1} is not back in rotation "
+                         "(the others are left as they are; see its output)")  # fmt: skip
+        return False
 
-    def _until(self, condition: T.Callable[[], bool], seconds: float) -> None:
+    def _until(self, condition: T.Callable[[], bool], seconds: float) -> bool:
+        """Wait for ``condition`` (at most ``seconds``, or until the block ends); its value."""
         deadline = time.monotonic() + seconds
-        while not condition() and time.monotonic() < deadline and not self._stopping.is_set():
-            time.sleep(0.1)
+        while not (met := condition()) and time.monotonic() < deadline:
+            if self._stopping.wait(0.1):
+                return False
+        return met
