@@ -77,8 +77,8 @@ def test_ctrl_c_or_sigterm_again_while_the_server_stops_is_ignored(tmp_path: Pat
             _wait_for("Handling signal: term", folder / "server.log", command)
             assert command.poll() is None
 
-            # and Ctrl-C and SIGTERM come again while it stops
-            for repeat in (signal.SIGINT, signal.SIGTERM):
+            # and Ctrl-C, SIGTERM and a hangup (a closed terminal) come while it stops
+            for repeat in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 command.send_signal(repeat)
                 time.sleep(1.0)  # time for the repeat to act, were it not ignored
 
@@ -98,4 +98,5 @@ def test_ctrl_c_or_sigterm_again_while_the_server_stops_is_ignored(tmp_path: Pat
     left = subprocess.run(["pgrep", "-af", str(folder)], capture_output=True, text=True)
     assert left.stdout == "", left.stdout
     assert rest.count("again while stopping: ignored") == 1, output  # said once, not per signal
+    assert "SIGHUP ignored" in rest, output  # one server: nothing to restart, nothing ended
     shutil.rmtree(folder)
