@@ -21,7 +21,7 @@ __all__ = ["Replicas"]
 #: How often the replicas are looked at (a dead one is restarted within this).
 CHECK_EVERY = 0.2
 #: The longest wait for a drained replica's requests in flight: as long as a request may take
-#: (gunicorn's timeout in :data:`.tracking_server.GUNICORN`, a 10-minute model upload). Past
+#: (gunicorn's timeout in ``tracking_server.GUNICORN``, a 10-minute model upload). Past
 #: this the replica is stopped anyway (SIGTERM, then SIGKILL 10 s later).
 DRAIN_SECONDS = 600.0
 #: The longest wait for the balancer to have a restarted replica back in rotation.
@@ -94,7 +94,7 @@ class Replicas:
         """Restart every replica, one at a time, the others serving meanwhile.
 
         Each is drained first (no new request goes to it; those in flight finish, for up to
-        :data:`DRAIN_SECONDS`), stopped, started, and put back once the balancer has it in
+        ``DRAIN_SECONDS``, 600 s), stopped, started, and put back once the balancer has it in
         rotation; a replica that does not come back ends the round there, the others left
         serving (reported). ``wait``: return when the round is over (False: at once, as the
         ``server`` command's SIGHUP does). Asked again while one is under way, it runs once
