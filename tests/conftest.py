@@ -7,6 +7,7 @@ import errno
 import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -300,3 +301,12 @@ def fill_disk(folder: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port of 127.0.0.1 that something else listens on (an `mlflow ui` on 5000, say)."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        yield int(other.getsockname()[1])

@@ -291,20 +291,15 @@ def test_haproxy_is_stopped_when_the_block_ends_also_by_an_error(
     assert _gone(group)
 
 
-def test_a_taken_port_is_refused_naming_it(tmp_path: Path) -> None:
+def test_a_taken_port_is_refused_naming_it(tmp_path: Path, taken_port: int) -> None:
     require_balancer()
-    # given something else listening on the port
-    with socket.socket() as other:
-        other.bind(("127.0.0.1", 0))
-        other.listen()
-        port = other.getsockname()[1]
-
-        # when a balancer is started on it, then it fails at once, naming the port
-        with (
-            pytest.raises(RuntimeError, match=rf"port {port} on 127.0.0.1 is in use"),
-            balancer(tmp_path, "127.0.0.1", port, [free_port()]),
-        ):
-            pass  # pragma: no cover -- never reached
+    # given something else listening on the port (taken_port)
+    # when a balancer is started on it, then it fails at once, naming the port
+    with (
+        pytest.raises(RuntimeError, match=rf"port {taken_port} on 127.0.0.1 is in use"),
+        balancer(tmp_path, "127.0.0.1", taken_port, [free_port()]),
+    ):
+        pass  # pragma: no cover -- never reached
 
 
 def test_bad_arguments_are_refused_at_the_call(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -11,19 +10,14 @@ from regression_model_template.server.processes import free_port
 from regression_model_template.server.tracking_server import MlflowServer, running
 
 
-def test_a_taken_port_fails_before_a_server_starts(tmp_path: Path) -> None:
-    # given something else listening on the port (an `mlflow ui` on 5000, say)
-    with socket.socket() as other:
-        other.bind(("127.0.0.1", 0))
-        other.listen()
-        port = other.getsockname()[1]
-
-        # when a server is started on it, then it fails at once, naming the port
-        with (
-            pytest.raises(RuntimeError, match=rf"port {port} on 127.0.0.1 is in use"),
-            MlflowServer(f"sqlite:///{tmp_path}/m.db", tmp_path / "artifacts", port=port),
-        ):
-            pass  # pragma: no cover -- never reached
+def test_a_taken_port_fails_before_a_server_starts(tmp_path: Path, taken_port: int) -> None:
+    # given something else listening on the port (taken_port)
+    # when a server is started on it, then it fails at once, naming the port
+    with (
+        pytest.raises(RuntimeError, match=rf"port {taken_port} on 127.0.0.1 is in use"),
+        MlflowServer(f"sqlite:///{tmp_path}/m.db", tmp_path / "artifacts", port=taken_port),
+    ):
+        pass  # pragma: no cover -- never reached
 
     assert not list(tmp_path.glob("server-*.log"))  # no server was started
 
